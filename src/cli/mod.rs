@@ -1,0 +1,28 @@
+//! The `lazysnap` command line.
+
+pub mod layer;
+
+use clap::{Parser, Subcommand};
+
+/// lazysnap: start containers before their images are downloaded.
+#[derive(Debug, Parser)]
+#[command(name = "lazysnap", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with single layer blobs: convert, list, read, verify.
+    #[command(subcommand)]
+    Layer(layer::LayerCommand),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Layer(c) => layer::run(c),
+    }
+}
