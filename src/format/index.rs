@@ -64,7 +64,6 @@ struct Extra {
     link: (u32, u32),
     rdev: (u32, u32),
     xattrs: Vec<(String, Vec<u8>)>,
-    digest: Option<Digest>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -205,14 +204,6 @@ impl<'a> Builder<'a> {
             extra.link = (off, e.link_name.len() as u32);
             needed = true;
         }
-        if n.kind == Kind::Reg && !e.digest.is_empty() {
-            extra.digest = Some(
-                e.digest
-                    .parse()
-                    .map_err(|_| Error::Toc(format!("{:?}: bad digest {:?}", e.name, e.digest)))?,
-            );
-            needed = true;
-        }
         if needed {
             n.extra = self.idx.extras.len() as u32;
             self.idx.extras.push(extra);
@@ -263,7 +254,17 @@ impl<'a> Builder<'a> {
             )));
         }
         let digest = if e.chunk_digest.is_empty() {
-            None
+            // a one-chunk file is verified by the whole-file digest (zstd:chunked
+            // writes chunk digests only for files of several chunks)
+            if e.kind == "reg" && chunk_offset == 0 && size == file_size && !e.digest.is_empty() {
+                Some(
+                    e.digest.parse().map_err(|_| {
+                        Error::Toc(format!("{:?}: bad digest {:?}", e.name, e.digest))
+                    })?,
+                )
+            } else {
+                None
+            }
         } else {
             Some(e.chunk_digest.parse().map_err(|_| {
                 Error::Toc(format!(
@@ -597,11 +598,6 @@ impl Index {
     /// Extended attributes, name → value.
     pub fn xattrs(&self, id: NodeId) -> &[(String, Vec<u8>)] {
         self.extra(id).map_or(&[], |e| &e.xattrs)
-    }
-
-    /// The whole-file digest, when the TOC has one.
-    pub fn file_digest(&self, id: NodeId) -> Option<Digest> {
-        self.extra(id).and_then(|e| e.digest)
     }
 
     /// A regular file's chunks, in file order.

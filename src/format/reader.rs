@@ -110,14 +110,10 @@ impl<R: ReadAt> Layer<R> {
         &self.src
     }
 
-    /// The digest a chunk must match: its own, or for a one-chunk file the file's.
-    fn expected(&self, id: NodeId, c: &Chunk) -> Result<Option<Digest>> {
+    /// The digest a chunk must match (for a one-chunk file the index holds the
+    /// file's digest there).
+    fn expected(&self, c: &Chunk) -> Result<Option<Digest>> {
         if let Some(d) = c.digest {
-            return Ok(Some(d));
-        }
-        if self.index.chunks(id).len() == 1
-            && let Some(d) = self.index.file_digest(id)
-        {
             return Ok(Some(d));
         }
         if c.zeros || self.allow_unverified {
@@ -138,7 +134,7 @@ impl<R: ReadAt> Layer<R> {
             .get(i)
             .ok_or_else(|| Error::NotFound(format!("{path} chunk {i}")))?;
         let run = || -> Result<Vec<u8>> {
-            let expected = self.expected(id, c)?;
+            let expected = self.expected(c)?;
             let compressed = if c.zeros {
                 Vec::new()
             } else {
