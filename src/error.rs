@@ -51,6 +51,9 @@ pub enum Error {
     /// A named entry does not exist in the layer.
     #[error("{0}: no such file in layer")]
     NotFound(String),
+    /// Fetching bytes of a blob failed (after the registry client's retries).
+    #[error("{blob}: {reason}")]
+    Fetch { blob: String, reason: String },
     /// A caller passed a value that cannot be used.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

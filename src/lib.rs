@@ -5,3 +5,5 @@ pub mod error;
 pub mod format;
 
 pub use error::{Error, Result};
+pub mod cache;
+pub mod layer;

@@ -610,6 +610,14 @@ impl Index {
         }
     }
 
+    /// Positions of a file's chunks within [`Index::all_chunks`].
+    pub fn chunk_span(&self, id: NodeId) -> std::ops::Range<usize> {
+        match self.nodes.get(id as usize) {
+            Some(n) => n.chunk_start as usize..(n.chunk_start + n.chunk_count) as usize,
+            None => 0..0,
+        }
+    }
+
     /// The index (within [`Index::chunks`]) of the chunk holding file offset `off`.
     pub fn chunk_at(&self, id: NodeId, off: u64) -> Option<usize> {
         let cs = self.chunks(id);
@@ -655,6 +663,14 @@ impl Index {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// A path naming node `id` (for error messages; walks the tree).
+    pub fn path_of(&self, id: NodeId) -> Option<String> {
+        self.walk()
+            .into_iter()
+            .find(|(_, n)| *n == id)
+            .map(|(p, _)| p)
     }
 
     /// Heap bytes held by the index (for the resident-size benchmark).

@@ -105,6 +105,11 @@ impl<R: ReadAt> Layer<R> {
         &self.index
     }
 
+    /// Takes the layer apart: blob, TOC location, TOC bytes and index.
+    pub fn into_parts(self) -> (R, TocLocation, TocBytes, Index) {
+        (self.src, self.loc, self.toc, self.index)
+    }
+
     /// The underlying blob.
     pub fn source(&self) -> &R {
         &self.src

@@ -1,0 +1,231 @@
+//! Fetching chunks: cache first, then one range per run of adjacent missing chunks.
+//! A chunk being fetched by one reader is awaited by the others instead of being
+//! fetched twice.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+
+use bytes::Bytes;
+
+use super::RemoteLayer;
+use crate::error::{Error, Result};
+use crate::format::chunk;
+
+/// One chunk fetch in progress; waiters block until it has a result.
+#[derive(Default)]
+pub(super) struct Inflight {
+    result: Mutex<Option<std::result::Result<Bytes, String>>>,
+    cv: Condvar,
+}
+
+impl Inflight {
+    fn finish(&self, r: std::result::Result<Bytes, String>) {
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> std::result::Result<Bytes, String> {
+        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The fetches in progress of one layer, by global chunk index.
+#[derive(Default)]
+pub(super) struct Inflights(Mutex<HashMap<usize, Arc<Inflight>>>);
+
+impl Inflights {
+    /// Either the existing fetch to wait for, or a new one the caller owns.
+    fn claim(&self, i: usize) -> (Arc<Inflight>, bool) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = m.get(&i) {
+            return (f.clone(), false);
+        }
+        let f = Arc::new(Inflight::default());
+        m.insert(i, f.clone());
+        (f, true)
+    }
+
+    fn release(&self, i: usize) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&i);
+    }
+}
+
+/// Finishes every owned fetch (with an error if none was set) and forgets it, even
+/// when the fetching code returns early.
+struct Owned<'a> {
+    layer: &'a RemoteLayer,
+    items: Vec<(usize, usize, Arc<Inflight>)>,
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        for (_, i, f) in &self.items {
+            let pending = f.result.lock().map(|g| g.is_none()).unwrap_or(true);
+            if pending {
+                f.finish(Err("fetch abandoned".into()));
+            }
+            self.layer.inflight.release(*i);
+        }
+    }
+}
+
+pub(super) fn get(layer: &RemoteLayer, idxs: &[usize], max_span: u64) -> Result<Vec<Bytes>> {
+    let all = layer.index.all_chunks();
+    let mut out: Vec<Option<Bytes>> = vec![None; idxs.len()];
+    let mut owned = Owned {
+        layer,
+        items: Vec::new(),
+    };
+    let mut waits = Vec::new();
+    for (k, &i) in idxs.iter().enumerate() {
+        let c = &all[i];
+        if c.zeros {
+            out[k] = Some(Bytes::from(vec![0u8; c.size as usize]));
+            continue;
+        }
+        if let Some(b) = layer.cache.get(&layer.key(c)) {
+            layer.mark_cached(i);
+            out[k] = Some(b);
+            continue;
+        }
+        let (f, mine) = layer.inflight.claim(i);
+        if mine {
+            // it may have landed in the cache since we looked
+            if let Some(b) = layer.cache.get(&layer.key(c)) {
+                f.finish(Ok(b.clone()));
+                layer.inflight.release(i);
+                out[k] = Some(b);
+                continue;
+            }
+            owned.items.push((k, i, f));
+        } else {
+            waits.push((k, f));
+        }
+    }
+    if !owned.items.is_empty() {
+        fetch_owned(layer, &owned.items, max_span, &mut out)?;
+    }
+    for (k, f) in waits {
+        let c = &all[idxs[k]];
+        out[k] = Some(f.wait().map_err(|reason| Error::Chunk {
+            path: String::new(),
+            offset: c.file_offset,
+            reason,
+        })?);
+    }
+    Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// Groups owned chunks into runs of adjacent compressed ranges and fetches them.
+fn fetch_owned(
+    layer: &RemoteLayer,
+    items: &[(usize, usize, Arc<Inflight>)],
+    max_span: u64,
+    out: &mut [Option<Bytes>],
+) -> Result<()> {
+    let all = layer.index.all_chunks();
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&j| all[items[j].1].compressed_offset);
+    let mut runs: Vec<(Range<u64>, Vec<usize>)> = Vec::new();
+    for j in order {
+        let c = &all[items[j].1];
+        match runs.last_mut() {
+            Some((r, members))
+                if c.compressed_offset <= r.end
+                    && c.compressed_end.max(r.end) - r.start <= max_span =>
+            {
+                r.end = r.end.max(c.compressed_end);
+                members.push(j);
+            }
+            _ => runs.push((c.compressed_offset..c.compressed_end, vec![j])),
+        }
+    }
+    let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
+    let fetched = layer.blob.read_ranges(&ranges);
+    layer
+        .counters
+        .fetch_requests
+        .fetch_add(1, Ordering::Relaxed);
+    let fetched = match fetched {
+        Ok(f) if f.len() == ranges.len() => f,
+        Ok(_) => {
+            let e = "registry returned the wrong number of ranges".to_string();
+            fail(items, &e);
+            return Err(Error::Fetch {
+                blob: layer.name().to_string(),
+                reason: e,
+            });
+        }
+        Err(e) => {
+            fail(items, &e.to_string());
+            return Err(e);
+        }
+    };
+    let mut first_err = None;
+    for ((range, members), bytes) in runs.iter().zip(fetched) {
+        layer
+            .counters
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        for &j in members {
+            let (k, i, f) = &items[j];
+            let c = &all[*i];
+            let from = (c.compressed_offset - range.start) as usize;
+            let to = (c.compressed_end - range.start) as usize;
+            let r = bytes
+                .get(from..to)
+                .ok_or_else(|| Error::Fetch {
+                    blob: layer.name().to_string(),
+                    reason: format!("short range {}..{}", range.start, range.end),
+                })
+                .and_then(|z| decode(layer, c, z));
+            match r {
+                Ok(data) => {
+                    layer.cache.insert(layer.key(c), data.clone());
+                    layer.mark_cached(*i);
+                    f.finish(Ok(data.clone()));
+                    out[*k] = Some(data);
+                }
+                Err(e) => {
+                    tracing::error!(layer = layer.name(), error = %e, "chunk rejected");
+                    f.finish(Err(e.to_string()));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn decode(layer: &RemoteLayer, c: &crate::format::Chunk, z: &[u8]) -> Result<Bytes> {
+    let data = chunk::decompress(layer.format.compression(), z, c)?;
+    match c.digest {
+        Some(d) => chunk::verify(&data, &d, c)?,
+        None if layer.cfg.allow_unverified => {}
+        None => {
+            return Err(Error::Chunk {
+                path: String::new(),
+                offset: c.file_offset,
+                reason: "chunk has no digest to verify against".into(),
+            });
+        }
+    }
+    Ok(Bytes::from(data))
+}
+
+fn fail(items: &[(usize, usize, Arc<Inflight>)], reason: &str) {
+    for (_, _, f) in items {
+        f.finish(Err(reason.to_string()));
+    }
+}

@@ -1,0 +1,373 @@
+//! A remote layer: blob handle + verified TOC + chunk cache. Reads map to chunks;
+//! cached chunks answer at once, missing ones are fetched with one range request per
+//! run of adjacent chunks, shared by concurrent readers, decompressed, verified
+//! against their digests, cached and returned.
+
+pub mod blob;
+mod fetch;
+mod tail;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use blob::{FileBlob, RemoteBlob};
+use fetch::Inflights;
+
+use crate::cache::{CacheKey, ChunkCache};
+use crate::error::{Error, Result};
+use crate::format::index::Chunk;
+use crate::format::{Digest, Format, Index, Layer, NodeId, OpenOptions};
+
+/// How layers fetch (`[layer]` in the daemon's config file).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LayerConfig {
+    /// Fetch the prioritized files (before `.prefetch.landmark`) at mount.
+    pub prefetch: bool,
+    /// Fetch the rest of the layer in the background, at low priority.
+    pub background_fetch: bool,
+    /// Layers up to this many compressed bytes are fetched whole at mount: lazy
+    /// pulling loses on tiny layers.
+    pub small_layer_bytes: u64,
+    /// Adjacent missing chunks are fetched together up to this many bytes.
+    pub max_fetch_span: u64,
+    /// Bytes per background-fetch request.
+    pub background_span: u64,
+    /// Serve chunks of legacy layers that carry no digests.
+    pub allow_unverified: bool,
+}
+
+impl Default for LayerConfig {
+    fn default() -> Self {
+        LayerConfig {
+            prefetch: true,
+            background_fetch: true,
+            small_layer_bytes: 2 << 20,
+            max_fetch_span: 8 << 20,
+            background_span: 8 << 20,
+            allow_unverified: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    fetched_bytes: AtomicU64,
+    fetch_requests: AtomicU64,
+    served_bytes: AtomicU64,
+    cached_chunks: AtomicU64,
+    cached_bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A snapshot of a layer's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerStats {
+    pub name: String,
+    pub format: &'static str,
+    pub toc_digest: String,
+    pub blob_size: u64,
+    pub fetched_bytes: u64,
+    pub fetch_requests: u64,
+    pub served_bytes: u64,
+    pub chunks_total: u64,
+    pub chunks_cached: u64,
+    pub bytes_total: u64,
+    pub bytes_cached: u64,
+    /// Share of the layer's file bytes held in the cache, 0..=1.
+    pub fraction_complete: f64,
+    pub read_errors: u64,
+}
+
+/// A lazily read layer.
+pub struct RemoteLayer {
+    blob: Arc<dyn RemoteBlob>,
+    format: Format,
+    index: Index,
+    toc_digest: Digest,
+    cache: Arc<ChunkCache>,
+    cfg: LayerConfig,
+    cached: Vec<AtomicBool>,
+    inflight: Inflights,
+    counters: Counters,
+    demand: AtomicUsize,
+    bytes_total: u64,
+}
+
+impl RemoteLayer {
+    /// Reads the footer and TOC (one request for both when the TOC sits in the
+    /// blob's tail), verifies the TOC and builds the index.
+    pub fn open(
+        blob: Arc<dyn RemoteBlob>,
+        opts: &OpenOptions,
+        cache: Arc<ChunkCache>,
+        cfg: LayerConfig,
+    ) -> Result<Arc<Self>> {
+        let name = blob.name().to_string();
+        let src = tail::TailCached::new(blob.clone()).map_err(|e| Error::Fetch {
+            blob: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut opts = opts.clone();
+        opts.allow_unverified |= cfg.allow_unverified;
+        let layer = Layer::open(src, &opts).map_err(|e| match e {
+            e @ Error::Fetch { .. } => e,
+            e => Error::Fetch {
+                blob: name.clone(),
+                reason: e.to_string(),
+            },
+        })?;
+        let format = layer.format();
+        let (_, _, toc, index) = layer.into_parts();
+        let n = index.all_chunks().len();
+        let bytes_total = index.all_chunks().iter().map(|c| c.size).sum();
+        let l = Arc::new(RemoteLayer {
+            blob,
+            format,
+            index,
+            toc_digest: toc.digest,
+            cache,
+            cfg,
+            cached: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            inflight: Inflights::default(),
+            counters: Counters::default(),
+            demand: AtomicUsize::new(0),
+            bytes_total,
+        });
+        // chunks already in the shared cache (another layer, an earlier run)
+        for i in 0..n {
+            if l.cache.contains(&l.key(&l.index.all_chunks()[i])) {
+                l.mark_cached(i);
+            }
+        }
+        Ok(l)
+    }
+
+    /// The index of files.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The blob's format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// sha256 of the TOC JSON.
+    pub fn toc_digest(&self) -> &Digest {
+        &self.toc_digest
+    }
+
+    /// The blob's name (registry/repository@digest or path).
+    pub fn name(&self) -> &str {
+        self.blob.name()
+    }
+
+    fn key(&self, c: &Chunk) -> CacheKey {
+        match c.digest {
+            Some(d) => CacheKey::Verified(d),
+            None => CacheKey::unverified(self.blob.name(), c.compressed_offset, c.inner_offset),
+        }
+    }
+
+    fn mark_cached(&self, i: usize) {
+        if !self.cached[i].swap(true, Ordering::Relaxed) {
+            self.counters.cached_chunks.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .cached_bytes
+                .fetch_add(self.index.all_chunks()[i].size, Ordering::Relaxed);
+        }
+    }
+
+    /// The global chunk indices covering `[offset, offset+size)` of file `id`,
+    /// and the clipped end.
+    fn span(&self, id: NodeId, offset: u64, size: u32) -> (Vec<usize>, u64) {
+        let file_size = self.index.node(id).map_or(0, |n| n.size);
+        let end = offset.saturating_add(size as u64).min(file_size);
+        if offset >= end {
+            return (Vec::new(), end);
+        }
+        let span = self.index.chunk_span(id);
+        let all = self.index.all_chunks();
+        let first = self
+            .index
+            .chunk_at(id, offset)
+            .map_or(span.start, |i| span.start + i);
+        let idxs = (first..span.end)
+            .take_while(|&i| all[i].file_offset < end)
+            .collect();
+        (idxs, end)
+    }
+
+    fn assemble(&self, idxs: &[usize], data: &[Bytes], offset: u64, end: u64) -> Vec<u8> {
+        let all = self.index.all_chunks();
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (&i, d) in idxs.iter().zip(data) {
+            let c = &all[i];
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = end.min(c.file_offset + c.size) - c.file_offset;
+            out.extend_from_slice(&d[from as usize..to as usize]);
+        }
+        self.counters
+            .served_bytes
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Reads file bytes only if every chunk they need is cached (no I/O wait);
+    /// FUSE threads use it to answer hits inline.
+    pub fn read_cached(&self, id: NodeId, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let (idxs, end) = self.span(id, offset, size);
+        let all = self.index.all_chunks();
+        let mut data = Vec::with_capacity(idxs.len());
+        for &i in &idxs {
+            let c = &all[i];
+            if c.zeros {
+                data.push(Bytes::from(vec![0u8; c.size as usize]));
+                continue;
+            }
+            data.push(self.cache.get(&self.key(c))?);
+        }
+        Some(self.assemble(&idxs, &data, offset, end))
+    }
+
+    /// Reads file bytes, fetching missing chunks. Blocks; call from a worker.
+    pub fn read(&self, id: NodeId, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let (idxs, end) = self.span(id, offset, size);
+        self.demand.fetch_add(1, Ordering::SeqCst);
+        let r = self.chunks(&idxs, self.cfg.max_fetch_span);
+        self.demand.fetch_sub(1, Ordering::SeqCst);
+        match r {
+            Ok(data) => Ok(self.assemble(&idxs, &data, offset, end)),
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                let path = self
+                    .index
+                    .path_of(id)
+                    .unwrap_or_else(|| format!("inode {id}"));
+                tracing::error!(layer = self.name(), file = %path, error = %e, "read failed");
+                Err(crate::format::chunk::with_path(e, &path))
+            }
+        }
+    }
+
+    /// Whether file `id` is wholly cached.
+    pub fn file_cached(&self, id: NodeId) -> bool {
+        self.index
+            .chunk_span(id)
+            .all(|i| self.cached[i].load(Ordering::Relaxed))
+    }
+
+    /// Gets chunks by global index: cache, or one fetch per run of adjacent
+    /// chunks (runs of at most `max_span` bytes), shared with concurrent callers.
+    fn chunks(&self, idxs: &[usize], max_span: u64) -> Result<Vec<Bytes>> {
+        fetch::get(self, idxs, max_span)
+    }
+
+    /// Fetches everything before the `.prefetch.landmark` in one request, or the
+    /// whole layer when it is small. Returns the bytes fetched.
+    pub fn prefetch(&self) -> Result<u64> {
+        let all = self.index.all_chunks();
+        let limit = if self.blob.size() <= self.cfg.small_layer_bytes {
+            u64::MAX
+        } else if self.cfg.prefetch {
+            match self.index.prefetch_end() {
+                Some(e) if e > 0 => e,
+                _ => return Ok(0),
+            }
+        } else {
+            return Ok(0);
+        };
+        let mut idxs: Vec<usize> = (0..all.len())
+            .filter(|&i| all[i].compressed_end <= limit && !all[i].zeros)
+            .filter(|&i| !self.cached[i].load(Ordering::Relaxed))
+            .collect();
+        idxs.sort_by_key(|&i| all[i].compressed_offset);
+        let before = self.counters.fetched_bytes.load(Ordering::Relaxed);
+        self.chunks(&idxs, u64::MAX)?;
+        Ok(self.counters.fetched_bytes.load(Ordering::Relaxed) - before)
+    }
+
+    /// Fetches every chunk not yet cached, a span at a time, pausing while on-demand
+    /// reads wait. Stops early when `stop` is set.
+    pub fn fetch_all(&self, stop: &AtomicBool, pause_on_demand: bool) -> Result<()> {
+        let all = self.index.all_chunks();
+        let mut order: Vec<usize> = (0..all.len()).filter(|&i| !all[i].zeros).collect();
+        order.sort_by_key(|&i| all[i].compressed_offset);
+        let mut batch: Vec<usize> = Vec::new();
+        let mut start = 0u64;
+        let flush = |batch: &mut Vec<usize>| -> Result<()> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            while pause_on_demand && self.demand.load(Ordering::SeqCst) > 0 {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.chunks(batch, u64::MAX)?;
+            batch.clear();
+            Ok(())
+        };
+        for i in order {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            if self.cached[i].load(Ordering::Relaxed) {
+                continue;
+            }
+            let c = &all[i];
+            if batch.is_empty() {
+                start = c.compressed_offset;
+            } else if c.compressed_end - start > self.cfg.background_span {
+                flush(&mut batch)?;
+                start = c.compressed_offset;
+            }
+            batch.push(i);
+        }
+        flush(&mut batch)
+    }
+
+    /// Compressed ranges of the chunks not yet cached (unlazy and `status` use it).
+    pub fn missing_ranges(&self) -> Vec<Range<u64>> {
+        let all = self.index.all_chunks();
+        let mut v: Vec<Range<u64>> = (0..all.len())
+            .filter(|&i| !all[i].zeros && !self.cached[i].load(Ordering::Relaxed))
+            .map(|i| all[i].compressed_offset..all[i].compressed_end)
+            .collect();
+        v.sort_by_key(|r| r.start);
+        v.dedup();
+        v
+    }
+
+    /// Counters for status and metrics.
+    pub fn stats(&self) -> LayerStats {
+        let c = &self.counters;
+        let cached = c.cached_bytes.load(Ordering::Relaxed);
+        LayerStats {
+            name: self.blob.name().to_string(),
+            format: self.format.name(),
+            toc_digest: self.toc_digest.to_string(),
+            blob_size: self.blob.size(),
+            fetched_bytes: c.fetched_bytes.load(Ordering::Relaxed),
+            fetch_requests: c.fetch_requests.load(Ordering::Relaxed),
+            served_bytes: c.served_bytes.load(Ordering::Relaxed),
+            chunks_total: self.cached.len() as u64,
+            chunks_cached: c.cached_chunks.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total,
+            bytes_cached: cached,
+            fraction_complete: if self.bytes_total == 0 {
+                1.0
+            } else {
+                cached as f64 / self.bytes_total as f64
+            },
+            read_errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The lazy layer over a blob: reads through the chunk cache, fetch sharing,
+//! prefetch, background fetch and corrupted chunks.
+
+mod common;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use lazysnap::cache::{CacheConfig, ChunkCache};
+use lazysnap::format::writer::{WriteOptions, write_layer};
+use lazysnap::format::{Format, Kind, OpenOptions};
+use lazysnap::layer::{LayerConfig, RemoteBlob, RemoteLayer};
+
+/// An in-memory blob that counts requests and can corrupt a byte.
+struct TestBlob {
+    data: Mutex<Vec<u8>>,
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    delay_ms: u64,
+}
+
+impl RemoteBlob for TestBlob {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn name(&self) -> &str {
+        "test-registry/test-repo@sha256:test"
+    }
+    fn read_ranges(&self, ranges: &[Range<u64>]) -> lazysnap::Result<Vec<Bytes>> {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if self.delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+        }
+        let d = self.data.lock().unwrap();
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                self.bytes.fetch_add(r.end - r.start, Ordering::SeqCst);
+                Bytes::copy_from_slice(&d[r.start as usize..r.end as usize])
+            })
+            .collect())
+    }
+}
+
+fn setup(
+    format: Format,
+    prioritized: Vec<String>,
+    delay_ms: u64,
+    cfg: LayerConfig,
+) -> (Vec<u8>, Arc<TestBlob>, Arc<RemoteLayer>) {
+    let tar = common::corpus_tar(4096);
+    let mut blob = Vec::new();
+    let res = write_layer(
+        &tar,
+        &mut blob,
+        &WriteOptions {
+            format,
+            chunk_size: 4096,
+            prioritized,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let b = Arc::new(TestBlob {
+        data: Mutex::new(blob),
+        requests: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        delay_ms,
+    });
+    let layer = RemoteLayer::open(
+        b.clone(),
+        &OpenOptions {
+            toc_digest: Some(res.toc_digest.parse().unwrap()),
+            ..OpenOptions::default()
+        },
+        Arc::new(ChunkCache::in_memory(64 << 20)),
+        cfg,
+    )
+    .unwrap();
+    (tar, b, layer)
+}
+
+fn no_small() -> LayerConfig {
+    LayerConfig {
+        small_layer_bytes: 0,
+        ..LayerConfig::default()
+    }
+}
+
+#[test]
+fn open_costs_one_request_and_reads_match_the_tar() {
+    for format in [Format::Estargz, Format::EstargzZstd, Format::ZstdChunked] {
+        let (tar, blob, layer) = setup(format, vec![], 0, no_small());
+        assert_eq!(
+            blob.requests.load(Ordering::SeqCst),
+            1,
+            "footer and TOC in one read"
+        );
+        let expected = common::tar_entries(&tar);
+        for (path, id) in layer.index().walk() {
+            let n = layer.index().node(id).unwrap();
+            if n.kind != Kind::Reg {
+                continue;
+            }
+            let want = common::file_content(&expected, &path).unwrap_or(b"\x0f");
+            let got = layer.read(id, 0, n.size as u32 + 10).unwrap();
+            assert!(got == want, "{format:?} {path}");
+            // now cached: the inline path answers without I/O
+            let before = blob.requests.load(Ordering::SeqCst);
+            assert_eq!(layer.read_cached(id, 0, n.size as u32).unwrap(), want);
+            assert_eq!(blob.requests.load(Ordering::SeqCst), before);
+        }
+        let s = layer.stats();
+        assert!((s.fraction_complete - 1.0).abs() < 1e-9, "{s:?}");
+        assert!(s.fetched_bytes > 0 && s.served_bytes > 0);
+    }
+}
+
+#[test]
+fn concurrent_readers_share_one_fetch() {
+    let (_, blob, layer) = setup(Format::Estargz, vec![], 100, no_small());
+    let (path, id) = layer
+        .index()
+        .walk()
+        .into_iter()
+        .filter(|(_, id)| layer.index().node(*id).unwrap().size > 8192)
+        .max_by_key(|(_, id)| layer.index().node(*id).unwrap().size)
+        .unwrap();
+    let size = layer.index().node(id).unwrap().size as u32;
+    let before = blob.requests.load(Ordering::SeqCst);
+    let results: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| layer.read(id, 0, size).unwrap()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.windows(2).all(|w| w[0] == w[1]), "{path}");
+    let n = blob.requests.load(Ordering::SeqCst) - before;
+    assert!(n <= 2, "8 concurrent readers of {path} caused {n} requests");
+}
+
+#[test]
+fn prefetch_fetches_prioritized_files_in_one_request() {
+    let tar = common::corpus_tar(4096);
+    let entries = common::tar_entries(&tar);
+    let prio: Vec<String> = entries
+        .iter()
+        .filter(|e| e.kind == "reg" && e.size > 0)
+        .take(3)
+        .map(|e| e.path.clone())
+        .collect();
+    let (_, blob, layer) = setup(Format::Estargz, prio.clone(), 0, no_small());
+    let before = blob.requests.load(Ordering::SeqCst);
+    let fetched = layer.prefetch().unwrap();
+    assert_eq!(blob.requests.load(Ordering::SeqCst) - before, 1);
+    assert!(fetched > 0);
+    for p in &prio {
+        let id = layer.index().lookup_path(p).unwrap();
+        assert!(layer.file_cached(id), "{p} prefetched");
+    }
+    assert!(
+        layer.stats().fraction_complete < 1.0,
+        "only the prioritized part"
+    );
+    // background fetch completes the layer
+    layer.fetch_all(&AtomicBool::new(false), true).unwrap();
+    assert!((layer.stats().fraction_complete - 1.0).abs() < 1e-9);
+    assert!(layer.missing_ranges().is_empty());
+}
+
+#[test]
+fn small_layers_are_fetched_whole_at_mount() {
+    let (_, blob, layer) = setup(Format::Estargz, vec![], 0, LayerConfig::default());
+    assert!(blob.size() < LayerConfig::default().small_layer_bytes);
+    layer.prefetch().unwrap();
+    assert!((layer.stats().fraction_complete - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_corrupted_chunk_fails_that_read_only() {
+    let (tar, blob, layer) = setup(Format::Estargz, vec![], 0, no_small());
+    let expected = common::tar_entries(&tar);
+    let files: Vec<(String, u32)> = layer
+        .index()
+        .walk()
+        .into_iter()
+        .filter(|(_, id)| layer.index().node(*id).unwrap().size > 10_000)
+        .take(2)
+        .collect();
+    let (bad, bad_id) = &files[0];
+    let c = layer.index().chunks(*bad_id)[0].clone();
+    {
+        let mut d = blob.data.lock().unwrap();
+        let mid = ((c.compressed_offset + c.compressed_end) / 2) as usize;
+        d[mid] ^= 0x55;
+    }
+    let err = layer.read(*bad_id, 0, 100).unwrap_err().to_string();
+    assert!(err.contains(bad.as_str()), "error names the file: {err}");
+    assert_eq!(layer.stats().read_errors, 1);
+    let (good, good_id) = &files[1];
+    let got = layer.read(*good_id, 0, 1 << 20).unwrap();
+    assert_eq!(got, common::file_content(&expected, good).unwrap());
+    // and the bad chunk was not cached
+    assert!(layer.read_cached(*bad_id, 0, 100).is_none());
+}
+
+#[test]
+fn disk_cache_is_shared_and_survives_a_new_layer_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        dir: Some(dir.path().to_path_buf()),
+        ..CacheConfig::default()
+    };
+    let tar = common::corpus_tar(4096);
+    let mut data = Vec::new();
+    let res = write_layer(
+        &tar,
+        &mut data,
+        &WriteOptions {
+            chunk_size: 4096,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let open = |cache: Arc<ChunkCache>| {
+        let b = Arc::new(TestBlob {
+            data: Mutex::new(data.clone()),
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            delay_ms: 0,
+        });
+        let l = RemoteLayer::open(
+            b.clone(),
+            &OpenOptions {
+                toc_digest: Some(res.toc_digest.parse().unwrap()),
+                ..OpenOptions::default()
+            },
+            cache,
+            no_small(),
+        )
+        .unwrap();
+        (b, l)
+    };
+    let (_, l1) = open(Arc::new(ChunkCache::new(&cfg).unwrap()));
+    l1.fetch_all(&AtomicBool::new(false), false).unwrap();
+    drop(l1);
+    // a fresh cache object over the same directory: everything is already there
+    let (b2, l2) = open(Arc::new(ChunkCache::new(&cfg).unwrap()));
+    assert!((l2.stats().fraction_complete - 1.0).abs() < 1e-9);
+    for (_, id) in l2.index().walk() {
+        let size = l2.index().node(id).unwrap().size as u32;
+        l2.read(id, 0, size).unwrap();
+    }
+    assert_eq!(
+        b2.requests.load(Ordering::SeqCst),
+        1,
+        "only the TOC was read"
+    );
+}
