@@ -57,6 +57,21 @@ pub enum Error {
     /// A caller passed a value that cannot be used.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A snapshot (or the parent it names) does not exist.
+    #[error("snapshot {0}: not found")]
+    SnapshotNotFound(String),
+    /// The object already exists; for a remote Prepare this is the success answer.
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    /// The object is in the wrong state for the operation (e.g. removing a parent).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// A needed resource is not available now (e.g. an unhealthy remote layer).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The metadata store failed.
+    #[error("metadata store: {0}")]
+    Store(String),
 }
 
 impl Error {

@@ -1,6 +1,7 @@
 //! The `lazysnap` command line.
 
 pub mod layer;
+pub mod mount;
 
 use clap::{Parser, Subcommand};
 
@@ -18,11 +19,15 @@ pub enum Command {
     /// Work with single layer blobs: convert, list, read, verify.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
+    /// Mount an image's root filesystem (or one layer, or a local blob) lazily and
+    /// read-only, without containerd, until interrupted or unmounted.
+    Mount(mount::MountArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Layer(c) => layer::run(c),
+        Command::Mount(a) => mount::run(a),
     }
 }

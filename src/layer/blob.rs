@@ -92,3 +92,46 @@ impl RemoteBlob for FileBlob {
             .collect()
     }
 }
+
+/// A blob in a registry, read through `lazysnap-registry` (retries, mirrors,
+/// multi-range requests) from plain threads.
+pub struct RegistryBlob {
+    blob: lazysnap_registry::Blob,
+    handle: tokio::runtime::Handle,
+    name: String,
+}
+
+impl RegistryBlob {
+    /// Wraps a registry blob; `handle` is the multi-thread runtime that drives its I/O.
+    pub fn new(blob: lazysnap_registry::Blob, handle: tokio::runtime::Handle) -> Arc<Self> {
+        let name = format!(
+            "{}/{}@{}",
+            blob.registry(),
+            blob.repository(),
+            blob.digest()
+        );
+        Arc::new(RegistryBlob { blob, handle, name })
+    }
+
+    /// The registry handle (counters).
+    pub fn inner(&self) -> &lazysnap_registry::Blob {
+        &self.blob
+    }
+}
+
+impl RemoteBlob for RegistryBlob {
+    fn size(&self) -> u64 {
+        self.blob.size()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.blob
+            .read_ranges_blocking(&self.handle, ranges)
+            .map_err(|e| Error::Fetch {
+                blob: self.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+}

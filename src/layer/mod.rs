@@ -5,7 +5,10 @@
 
 pub mod blob;
 mod fetch;
+pub mod image;
+pub mod mount;
 mod tail;
+pub mod workers;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use blob::{FileBlob, RemoteBlob};
+pub use blob::{FileBlob, RegistryBlob, RemoteBlob};
 use fetch::Inflights;
 
 use crate::cache::{CacheKey, ChunkCache};
@@ -261,6 +264,43 @@ impl RemoteLayer {
         self.index
             .chunk_span(id)
             .all(|i| self.cached[i].load(Ordering::Relaxed))
+    }
+
+    /// A local file with the whole content of file `id`, when every chunk is cached
+    /// and the cache is on disk: FUSE passthrough lets the kernel read it directly.
+    /// Assembled once under `<cache>/files/` and reused.
+    pub fn backing_file(&self, id: NodeId) -> Option<std::fs::File> {
+        let dir = self.cache.disk()?.dir().join("files");
+        if !self.file_cached(id) {
+            return None;
+        }
+        let name = format!("{}-{id}", self.toc_digest.hex());
+        let path = dir.join(&name);
+        if let Ok(f) = std::fs::File::open(&path) {
+            return Some(f);
+        }
+        let size = self.index.node(id)?.size;
+        let mut data = Vec::with_capacity(size as usize);
+        for i in self.index.chunk_span(id) {
+            let c = &self.index.all_chunks()[i];
+            if c.zeros {
+                data.resize(data.len() + c.size as usize, 0);
+            } else {
+                data.extend_from_slice(&self.cache.get(&self.key(c))?);
+            }
+        }
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(&tmp, &data)?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), error = %e, "cannot write passthrough file");
+            return None;
+        }
+        std::fs::File::open(&path).ok()
     }
 
     /// Gets chunks by global index: cache, or one fetch per run of adjacent

@@ -5,6 +5,8 @@
 //! Use from a test crate with `mod common;`.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 

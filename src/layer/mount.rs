@@ -1,0 +1,141 @@
+//! Presenting a remote layer through `lazysnap-fuse`: the index becomes the inode
+//! tree, and reads are answered from the cache inline or from a worker that fetches.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use lazysnap_fuse::{
+    Attr, Content, FileId, Kind as FKind, MountOptions, ReadReply, Tree, TreeBuilder,
+};
+
+use super::RemoteLayer;
+use super::workers::Workers;
+use crate::error::{Error, Result};
+use crate::format::index::{Index, Node};
+use crate::format::{Kind, NodeId, ROOT};
+
+fn attr(index: &Index, id: NodeId, n: &Node) -> Attr {
+    let kind = match n.kind {
+        Kind::Dir => FKind::Dir,
+        Kind::Reg | Kind::Hardlink => FKind::File,
+        Kind::Symlink => FKind::Symlink,
+        Kind::Char => FKind::CharDev,
+        Kind::Block => FKind::BlockDev,
+        Kind::Fifo => FKind::Fifo,
+    };
+    let (major, minor) = index.rdev(id);
+    let mtime = if n.mtime >= 0 {
+        UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
+            + Duration::from_nanos(n.mtime_nanos as u64)
+    };
+    let size = match n.kind {
+        Kind::Symlink => index.link_target(id).map_or(0, |t| t.len() as u64),
+        Kind::Reg => n.size,
+        _ => 0,
+    };
+    Attr {
+        kind,
+        perm: (n.mode & 0o7777) as u16,
+        uid: n.uid,
+        gid: n.gid,
+        size,
+        mtime,
+        rdev: libc::makedev(major, minor) as u32,
+        nlink: n.nlink,
+    }
+}
+
+/// Builds the FUSE inode tree of a layer; hard links share one inode.
+pub fn build_tree(index: &Index) -> Result<Tree> {
+    let root = index
+        .node(ROOT)
+        .ok_or_else(|| Error::Toc("layer has no root".into()))?;
+    let mut b = TreeBuilder::new(attr(index, ROOT, root));
+    let mut seen: HashMap<NodeId, lazysnap_fuse::NodeRef> = HashMap::new();
+    for (path, id) in index.walk() {
+        let Some(n) = index.node(id) else { continue };
+        if let Some(&r) = seen.get(&id) {
+            b.link(&path, r).map_err(|e| Error::Toc(e.to_string()))?;
+            continue;
+        }
+        let r = b
+            .add(&path, attr(index, id, n))
+            .map_err(|e| Error::Toc(e.to_string()))?;
+        if n.kind != Kind::Dir {
+            seen.insert(id, r);
+        }
+        for (k, v) in index.xattrs(id) {
+            b.set_xattr(r, k.as_bytes(), v);
+        }
+        match n.kind {
+            Kind::Symlink => {
+                b.set_symlink_target(r, index.link_target(id).unwrap_or("").as_bytes())
+            }
+            Kind::Reg => b.set_file(r, id as FileId),
+            _ => {}
+        }
+    }
+    Ok(b.build())
+}
+
+/// The bytes of a mounted layer's files.
+pub struct LayerContent {
+    layer: Arc<RemoteLayer>,
+    workers: Arc<Workers>,
+}
+
+impl LayerContent {
+    /// Serves `layer`, fetching on `workers`.
+    pub fn new(layer: Arc<RemoteLayer>, workers: Arc<Workers>) -> Arc<Self> {
+        Arc::new(LayerContent { layer, workers })
+    }
+}
+
+impl Content for LayerContent {
+    fn read(&self, file: FileId, offset: u64, size: u32, reply: ReadReply) {
+        let Ok(id) = NodeId::try_from(file) else {
+            reply.error(libc::EIO);
+            return;
+        };
+        if let Some(data) = self.layer.read_cached(id, offset, size) {
+            reply.data(&data);
+            return;
+        }
+        let layer = self.layer.clone();
+        self.workers
+            .spawn(move || match layer.read(id, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(_) => reply.error(libc::EIO),
+            });
+    }
+
+    fn backing_file(&self, file: FileId) -> Option<std::fs::File> {
+        let id = NodeId::try_from(file).ok()?;
+        self.layer.backing_file(id)
+    }
+}
+
+/// Mounts a layer read-only at `mountpoint`.
+pub fn mount_layer(
+    layer: Arc<RemoteLayer>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    workers: Arc<Workers>,
+) -> Result<lazysnap_fuse::Mount> {
+    let tree = Arc::new(build_tree(layer.index())?);
+    let content = LayerContent::new(layer.clone(), workers);
+    lazysnap_fuse::mount(tree, content, mountpoint, opts).map_err(|e| {
+        Error::io(
+            format!(
+                "{}: cannot mount layer {}",
+                mountpoint.display(),
+                layer.name()
+            ),
+            std::io::Error::other(e.to_string()),
+        )
+    })
+}

@@ -1,0 +1,212 @@
+//! A real `docker-registry` on 127.0.0.1 with its access log, and pushing OCI images
+//! to it with the registry HTTP API (through curl), as a user's tooling would.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Whether a tool exists; under `CI=true` a missing tool fails the test.
+pub fn require(tool: &str, test: &str) -> bool {
+    if Path::new(tool).exists() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {tool} is missing and CI=true");
+    }
+    eprintln!("skipped: {test}: {tool} missing");
+    false
+}
+
+/// A docker-registry process, killed on drop.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("storage").display()
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, cfg).expect("config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn docker-registry");
+        let reg = Registry { child, port, dir };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return reg;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("docker-registry did not start: {}", reg.log());
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Where the registry stores a blob (to corrupt it behind its back).
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    fn curl(&self, args: &[&str]) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "-f", "-D", "-", "-o", "/dev/null"])
+            .args(args)
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Uploads a blob (monolithic POST + PUT).
+    pub fn push_blob(&self, repo: &str, data: &[u8]) -> String {
+        let digest = format!("sha256:{}", sha256_hex(data));
+        let headers = self.curl(&[
+            "-X",
+            "POST",
+            &format!("http://{}/v2/{repo}/blobs/uploads/", self.host()),
+        ]);
+        let loc = headers
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("location"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .expect("upload location");
+        let url = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("http://{}{loc}", self.host())
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let tmp = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(tmp.path(), data).expect("write");
+        self.curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            &format!("@{}", tmp.path().display()),
+            &format!("{url}{sep}digest={digest}"),
+        ]);
+        digest
+    }
+
+    /// Pushes an OCI image with these layers (blob, media type, annotations, diff id)
+    /// and returns the reference `host/repo:tag`.
+    pub fn push_image(&self, repo: &str, tag: &str, layers: &[Layer]) -> String {
+        let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
+        let config = serde_json::json!({
+            "architecture": go_arch(),
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        })
+        .to_string();
+        let config_digest = self.push_blob(repo, config.as_bytes());
+        let mut descs = Vec::new();
+        for l in layers {
+            let d = self.push_blob(repo, &l.blob);
+            descs.push(serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": d,
+                "size": l.blob.len(),
+                "annotations": l.annotations,
+            }));
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": descs,
+        })
+        .to_string();
+        let tmp = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(tmp.path(), &manifest).expect("write");
+        self.curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            "--data-binary",
+            &format!("@{}", tmp.path().display()),
+            &format!("http://{}/v2/{repo}/manifests/{tag}", self.host()),
+        ]);
+        format!("{}/{repo}:{tag}", self.host())
+    }
+
+    /// Access-log lines of GETs of blob `digest`, with whether each had a Range header
+    /// (the registry logs request headers only at debug level, so this counts
+    /// response sizes instead: a ranged read returns less than the blob).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
+            .count()
+    }
+}
+
+/// One layer of a pushed image.
+pub struct Layer {
+    pub blob: Vec<u8>,
+    pub media_type: String,
+    pub annotations: BTreeMap<String, String>,
+    pub diff_id: String,
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+pub fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    }
+}
