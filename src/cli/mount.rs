@@ -41,6 +41,10 @@ pub struct MountArgs {
     /// containerd-style certs.d directory for registry hosts.
     #[arg(long, default_value = "/etc/lazysnap/certs.d")]
     certs_dir: PathBuf,
+    /// Never open files in FUSE passthrough mode (by default fully cached files are
+    /// read by the kernel directly where it supports passthrough).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Print per-layer fetch statistics as JSON when unmounting.
     #[arg(long)]
     stats: bool,
