@@ -293,7 +293,8 @@ fn plan(src: &dyn ReadAt, opts: &WriteOptions) -> Result<(Plan, Vec<String>, u64
         }
         pending_pad = Some(pad.clone());
         plan.items.push(Item {
-            file_digest: (meta.kind == Some(Kind::Reg)).then(Hasher::new),
+            // a one-chunk file's digest is its chunk's, computed in parallel
+            file_digest: (chunk_frames.len() > 1).then(Hasher::new),
             meta,
             header,
             chunk_frames,
@@ -307,22 +308,46 @@ fn plan(src: &dyn ReadAt, opts: &WriteOptions) -> Result<(Plan, Vec<String>, u64
     Ok((plan, missing, scan.end))
 }
 
+thread_local! {
+    /// One compressor per thread and level: creating a zstd context or a libdeflate
+    /// compressor per frame costs more than compressing a small file.
+    static GZ: std::cell::RefCell<Option<(i32, libdeflater::Compressor)>> = const { std::cell::RefCell::new(None) };
+    static ZS: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
+}
+
 fn compress(format: Format, level: i32, data: &[u8]) -> Result<Vec<u8>> {
     match format.compression() {
-        super::Compression::Gzip => {
-            let lvl = libdeflater::CompressionLvl::new(level).map_err(|_| {
-                Error::InvalidArgument(format!("gzip level {level} (expected 1..=12)"))
-            })?;
-            let mut c = libdeflater::Compressor::new(lvl);
+        super::Compression::Gzip => GZ.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                let lvl = libdeflater::CompressionLvl::new(level).map_err(|_| {
+                    Error::InvalidArgument(format!("gzip level {level} (expected 1..=12)"))
+                })?;
+                *slot = Some((level, libdeflater::Compressor::new(lvl)));
+            }
+            let Some((_, c)) = slot.as_mut() else {
+                return Err(Error::InvalidArgument("gzip compressor".into()));
+            };
             let mut out = vec![0u8; c.gzip_compress_bound(data.len())];
             let n = c
                 .gzip_compress(data, &mut out)
                 .map_err(|e| Error::InvalidArgument(format!("gzip: {e:?}")))?;
             out.truncate(n);
             Ok(out)
-        }
-        super::Compression::Zstd => zstd::bulk::compress(data, level)
-            .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}"))),
+        }),
+        super::Compression::Zstd => ZS.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                let c = zstd::bulk::Compressor::new(level)
+                    .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}")))?;
+                *slot = Some((level, c));
+            }
+            let Some((_, c)) = slot.as_mut() else {
+                return Err(Error::InvalidArgument("zstd compressor".into()));
+            };
+            c.compress(data)
+                .map_err(|e| Error::InvalidArgument(format!("zstd level {level}: {e}")))
+        }),
     }
 }
 
@@ -345,12 +370,13 @@ impl Out<'_> {
 }
 
 /// Go's `hash/crc64` with the ISO table, as tar-split checksums payloads. Start
-/// with `!0`, feed every piece, and invert the result.
+/// with `!0`, feed every piece, and invert the result. Slicing-by-8 keeps it off the
+/// conversion's critical path.
 fn crc64_update(mut crc: u64, data: &[u8]) -> u64 {
-    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
-    let t = TABLE.get_or_init(|| {
-        let mut t = [0u64; 256];
-        for (i, v) in t.iter_mut().enumerate() {
+    static TABLES: std::sync::OnceLock<[[u64; 256]; 8]> = std::sync::OnceLock::new();
+    let t = TABLES.get_or_init(|| {
+        let mut t = [[0u64; 256]; 8];
+        for i in 0..256 {
             let mut crc = i as u64;
             for _ in 0..8 {
                 crc = if crc & 1 == 1 {
@@ -359,12 +385,30 @@ fn crc64_update(mut crc: u64, data: &[u8]) -> u64 {
                     crc >> 1
                 };
             }
-            *v = crc;
+            t[0][i] = crc;
+        }
+        for i in 0..256 {
+            for k in 1..8 {
+                let prev = t[k - 1][i];
+                t[k][i] = t[0][(prev & 0xff) as usize] ^ (prev >> 8);
+            }
         }
         t
     });
-    for &b in data {
-        crc = t[((crc as u8) ^ b) as usize] ^ (crc >> 8);
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let v = crc ^ u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        crc = t[7][(v & 0xff) as usize]
+            ^ t[6][((v >> 8) & 0xff) as usize]
+            ^ t[5][((v >> 16) & 0xff) as usize]
+            ^ t[4][((v >> 24) & 0xff) as usize]
+            ^ t[3][((v >> 32) & 0xff) as usize]
+            ^ t[2][((v >> 40) & 0xff) as usize]
+            ^ t[1][((v >> 48) & 0xff) as usize]
+            ^ t[0][(v >> 56) as usize];
+    }
+    for &b in chunks.remainder() {
+        crc = t[0][((crc as u8) ^ b) as usize] ^ (crc >> 8);
     }
     crc
 }
@@ -587,10 +631,15 @@ pub fn write_layer(
                 last_group.insert(m.gid, m.gname.clone());
             }
         }
-        if let Some(h) = item.file_digest.take()
-            && !item.chunk_frames.is_empty()
-        {
-            e.digest = h.finish().to_string();
+        match (item.file_digest.take(), item.chunk_frames.as_slice()) {
+            (Some(h), _) => e.digest = h.finish().to_string(),
+            (None, [f]) => {
+                e.digest = chunk_digests
+                    .get(f)
+                    .map(|d| d.to_string())
+                    .unwrap_or_default()
+            }
+            _ => {}
         }
         // tar-split: the raw header (after the previous entry's padding), then the file
         if opts.format == Format::ZstdChunked {
@@ -778,5 +827,11 @@ mod tests {
             !crc64_update(crc64_update(!0, b"1234"), b"56789"),
             0xB909_56C7_75A4_1001
         );
+        let long: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut bytewise = !0u64;
+        for &b in &long {
+            bytewise = crc64_update(bytewise, &[b]);
+        }
+        assert_eq!(crc64_update(!0, &long), bytewise);
     }
 }
