@@ -7,3 +7,5 @@ pub mod format;
 pub use error::{Error, Result};
 pub mod cache;
 pub mod layer;
+pub mod service;
+pub mod snapshot;

@@ -10,7 +10,11 @@ use clap::{Args, Subcommand, ValueEnum};
 use lazysnap::format::index::clean_path;
 use lazysnap::format::input::InputCompression;
 use lazysnap::format::writer::{self, WriteOptions};
-use lazysnap::format::{self, Digest, FileSource, Format, Kind, Layer, OpenOptions};
+use lazysnap::format::{self, Digest, FileSource, Format, Kind, Layer, OpenOptions, ReadAt};
+use lazysnap::layer::tail::TailCached;
+use lazysnap::layer::{RegistryBlob, RemoteBlob, image};
+use lazysnap_registry::{Reference, RegistryClient, RegistryConfig};
+use std::sync::Arc;
 
 /// `lazysnap layer` subcommands.
 #[derive(Debug, Subcommand)]
@@ -81,8 +85,18 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Args)]
 pub struct SrcArgs {
-    /// The layer blob file.
-    src: PathBuf,
+    /// The layer blob file (omit with --image).
+    #[arg(required_unless_present = "image")]
+    src: Option<PathBuf>,
+    /// Read the layer from an image in a registry instead of a file.
+    #[arg(long, requires = "layer")]
+    image: Option<String>,
+    /// With --image: the layer, as a 0-based index (base first) or a digest.
+    #[arg(long)]
+    layer: Option<String>,
+    /// With --image: containerd-style certs.d directory for registry hosts.
+    #[arg(long, default_value = "/etc/lazysnap/certs.d")]
+    certs_dir: PathBuf,
     /// Expected TOC digest (the `containerd.io/snapshot/stargz/toc.digest` annotation,
     /// or the zstd:chunked manifest checksum).
     #[arg(long)]
@@ -100,7 +114,7 @@ pub fn run(cmd: LayerCommand) -> Result<()> {
         LayerCommand::Cat { src, path } => cat(&src, &path),
         LayerCommand::Verify(a) => verify(&a),
         LayerCommand::Toc(a) => {
-            let layer = open(&a)?;
+            let (layer, _src) = open(&a)?;
             std::io::stdout().write_all(&layer.toc().json)?;
             Ok(())
         }
@@ -190,20 +204,81 @@ fn convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-fn open(a: &SrcArgs) -> Result<Layer<FileSource>> {
-    let f = File::open(&a.src).with_context(|| format!("{}: cannot open", a.src.display()))?;
-    let toc_digest = a
+/// A blob to read: a local file, or a registry blob read by ranges (the runtime
+/// that drives the registry client lives as long as the source).
+struct Source {
+    name: String,
+    read: Arc<dyn ReadAt>,
+    toc_digest: Option<Digest>,
+    toc_location: Option<format::TocLocation>,
+    _rt: Option<tokio::runtime::Runtime>,
+}
+
+fn source(a: &SrcArgs) -> Result<Source> {
+    let flag_digest = a
         .toc_digest
         .as_deref()
         .map(str::parse::<Digest>)
         .transpose()
         .with_context(|| "--toc-digest".to_string())?;
+    if let Some(path) = &a.src {
+        let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        return Ok(Source {
+            name: path.display().to_string(),
+            read: Arc::new(FileSource::new(f)?),
+            toc_digest: flag_digest,
+            toc_location: None,
+            _rt: None,
+        });
+    }
+    let image = a
+        .image
+        .as_deref()
+        .context("a blob file or --image is needed")?;
+    let sel = a.layer.as_deref().context("--image needs --layer")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let reference = Reference::parse(image).with_context(|| format!("{image}: bad reference"))?;
+    let client = RegistryClient::new(RegistryConfig {
+        certs_dir: a.certs_dir.clone(),
+        ..RegistryConfig::default()
+    });
+    let img = rt
+        .block_on(client.resolve(&reference))
+        .with_context(|| format!("{image}: cannot resolve"))?;
+    let (i, d) = img
+        .layers
+        .iter()
+        .enumerate()
+        .find(|(i, d)| sel.parse::<usize>().ok() == Some(*i) || d.digest.as_str() == sel)
+        .with_context(|| format!("{image}: no layer {sel} (it has {})", img.layers.len()))?;
+    let opts = image::open_options(&d.annotations)?.unwrap_or_default();
+    let blob = client
+        .blob(&img.reference, d)
+        .with_context(|| format!("{image}: layer {i}"))?;
+    let remote: Arc<dyn RemoteBlob> = RegistryBlob::new(blob, rt.handle().clone());
+    let name = remote.name().to_string();
+    Ok(Source {
+        name,
+        read: Arc::new(TailCached::new(remote)?),
+        toc_digest: flag_digest.or(opts.toc_digest),
+        toc_location: opts.toc_location,
+        _rt: Some(rt),
+    })
+}
+
+fn open(a: &SrcArgs) -> Result<(Layer<Arc<dyn ReadAt>>, Source)> {
+    let src = source(a)?;
     let opts = OpenOptions {
-        toc_digest,
+        toc_digest: src.toc_digest,
+        toc_location: src.toc_location,
         ..OpenOptions::default()
     };
-    Layer::open(FileSource::new(f)?, &opts)
-        .with_context(|| format!("{}: not a readable lazy layer", a.src.display()))
+    let layer = Layer::open(src.read.clone(), &opts)
+        .with_context(|| format!("{}: not a readable lazy layer", src.name))?;
+    Ok((layer, src))
 }
 
 #[derive(serde::Serialize)]
@@ -225,7 +300,7 @@ fn display_name(name: &str) -> Result<String> {
 }
 
 fn ls(a: &SrcArgs) -> Result<()> {
-    let layer = open(a)?;
+    let (layer, _src) = open(a)?;
     let toc = format::toc::parse_json(&layer.toc().json)?;
     let mut rows = Vec::new();
     for e in toc.entries.iter().filter(|e| e.kind != "chunk") {
@@ -265,31 +340,31 @@ fn ls(a: &SrcArgs) -> Result<()> {
 }
 
 fn cat(a: &SrcArgs, path: &str) -> Result<()> {
-    let layer = open(a)?;
+    let (layer, src) = open(a)?;
     let id = layer
         .index()
         .lookup_path(path)
-        .with_context(|| format!("{}: {path}: no such file in the layer", a.src.display()))?;
+        .with_context(|| format!("{}: {path}: no such file in the layer", src.name))?;
     let node = layer
         .index()
         .node(id)
         .with_context(|| format!("{path}: bad node"))?;
     if node.kind != Kind::Reg {
-        bail!("{}: {path}: not a regular file", a.src.display());
+        bail!("{}: {path}: not a regular file", src.name);
     }
     let mut out = BufWriter::new(std::io::stdout().lock());
     layer
         .copy_file(id, path, &mut out)
-        .with_context(|| format!("{}: {path}", a.src.display()))?;
+        .with_context(|| format!("{}: {path}", src.name))?;
     out.flush()?;
     Ok(())
 }
 
 fn verify(a: &SrcArgs) -> Result<()> {
-    let layer = open(a)?;
+    let (layer, src) = open(a)?;
     let report = layer
         .verify_all()
-        .with_context(|| format!("{}: verification failed", a.src.display()))?;
+        .with_context(|| format!("{}: verification failed", src.name))?;
     if a.json {
         let v = serde_json::json!({
             "format": layer.format().name(),

@@ -2,6 +2,8 @@
 
 pub mod layer;
 pub mod mount;
+pub mod serve;
+pub mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -22,12 +24,18 @@ pub enum Command {
     /// Mount an image's root filesystem (or one layer, or a local blob) lazily and
     /// read-only, without containerd, until interrupted or unmounted.
     Mount(mount::MountArgs),
+    /// Run the daemon: containerd's snapshots API on a unix socket.
+    Serve(serve::ServeArgs),
+    /// Show the running daemon's snapshots and mounted layers with fetch progress.
+    Status(status::StatusArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Layer(c) => layer::run(c),
+        Command::Serve(a) => serve::run(a),
+        Command::Status(a) => status::run(a),
         Command::Mount(a) => mount::run(a),
     }
 }

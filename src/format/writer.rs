@@ -376,7 +376,7 @@ fn crc64_update(mut crc: u64, data: &[u8]) -> u64 {
     static TABLES: std::sync::OnceLock<[[u64; 256]; 8]> = std::sync::OnceLock::new();
     let t = TABLES.get_or_init(|| {
         let mut t = [[0u64; 256]; 8];
-        for i in 0..256 {
+        for (i, v) in t[0].iter_mut().enumerate() {
             let mut crc = i as u64;
             for _ in 0..8 {
                 crc = if crc & 1 == 1 {
@@ -385,12 +385,13 @@ fn crc64_update(mut crc: u64, data: &[u8]) -> u64 {
                     crc >> 1
                 };
             }
-            t[0][i] = crc;
+            *v = crc;
         }
-        for i in 0..256 {
-            for k in 1..8 {
-                let prev = t[k - 1][i];
-                t[k][i] = t[0][(prev & 0xff) as usize] ^ (prev >> 8);
+        for k in 1..8 {
+            let (done, rest) = t.split_at_mut(k);
+            for (i, v) in rest[0].iter_mut().enumerate() {
+                let prev = done[k - 1][i];
+                *v = done[0][(prev & 0xff) as usize] ^ (prev >> 8);
             }
         }
         t

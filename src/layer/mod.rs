@@ -7,7 +7,7 @@ pub mod blob;
 mod fetch;
 pub mod image;
 pub mod mount;
-mod tail;
+pub mod tail;
 pub mod workers;
 
 use std::ops::Range;

@@ -1,0 +1,399 @@
+//! The real [`RemoteFs`]: layers named by the remote-snapshot labels are opened from
+//! the registry (footer and TOC, verified against the TOC digest), mounted with FUSE
+//! at the snapshot's `fs` directory, prefetched and fetched in the background.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use lazysnap_fuse::MountOptions;
+use lazysnap_registry::{Digest as RegDigest, Image, Reference, RegistryClient, RegistryConfig};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::labels::{CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_REFERENCE};
+use super::remote::RemoteFs;
+use crate::cache::{CacheConfig, ChunkCache};
+use crate::error::{Error, Result};
+use crate::format::{ANNOTATION_TOC_DIGEST, OpenOptions};
+use crate::layer::mount::mount_layer;
+use crate::layer::workers::Workers;
+use crate::layer::{LayerConfig, RegistryBlob, RemoteLayer, image};
+
+/// Layer descriptor annotations containerd forwards as labels (prefix
+/// `containerd.io/snapshot/`): the eStargz TOC digest.
+const LABEL_TOC_DIGEST: &str = ANNOTATION_TOC_DIGEST;
+
+struct Mounted {
+    fuse: Option<lazysnap_fuse::Mount>,
+    layer: Arc<RemoteLayer>,
+    stop: Arc<AtomicBool>,
+    reference: String,
+    digest: String,
+}
+
+struct Inner {
+    client: RegistryClient,
+    handle: tokio::runtime::Handle,
+    cache: Arc<ChunkCache>,
+    cfg: LayerConfig,
+    fuse: MountOptions,
+    workers: Arc<Workers>,
+    mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    layers: Mutex<HashMap<String, Weak<RemoteLayer>>>,
+    images: Mutex<HashMap<String, Arc<Image>>>,
+}
+
+/// Lazily mounted layers for the snapshotter.
+pub struct LazyFs {
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl LazyFs {
+    /// Starts the registry I/O runtime, opens the chunk cache and the read workers.
+    pub fn new(
+        layer: LayerConfig,
+        cache: &CacheConfig,
+        registry: RegistryConfig,
+        fuse: MountOptions,
+    ) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lazysnap-registry")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the registry runtime", e))?;
+        let inner = Arc::new(Inner {
+            client: RegistryClient::new(registry),
+            handle: runtime.handle().clone(),
+            cache: Arc::new(ChunkCache::new(cache)?),
+            cfg: layer,
+            fuse,
+            workers: Workers::new(16, "lazysnap-read"),
+            mounts: Mutex::new(HashMap::new()),
+            layers: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
+        });
+        Ok(LazyFs {
+            inner,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The shared chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.inner.cache
+    }
+}
+
+impl Drop for LazyFs {
+    fn drop(&mut self) {
+        let mounts: Vec<Mounted> = lock(&self.inner.mounts).drain().map(|(_, m)| m).collect();
+        for mut m in mounts {
+            m.stop.store(true, Ordering::Relaxed);
+            if let Some(f) = m.fuse.take() {
+                let _ = f.unmount();
+            }
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// Runs blocking layer work on a plain thread: the registry client's blocking reads
+/// refuse to run inside a tokio runtime, and the gRPC service calls us from one.
+fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(f)
+            .join()
+            .unwrap_or_else(|_| Err(Error::InvalidArgument("layer worker panicked".into())))
+    })
+}
+
+impl Inner {
+    fn image(&self, reference: &Reference) -> Result<Arc<Image>> {
+        let key = reference.to_string();
+        if let Some(i) = lock(&self.images).get(&key) {
+            return Ok(i.clone());
+        }
+        let img = self
+            .handle
+            .block_on(self.client.resolve(reference))
+            .map_err(|e| Error::Fetch {
+                blob: key.clone(),
+                reason: e.to_string(),
+            })?;
+        let img = Arc::new(img);
+        lock(&self.images).insert(key, img.clone());
+        Ok(img)
+    }
+
+    /// Opens (or shares) the layer the labels name.
+    fn open(&self, labels: &HashMap<String, String>) -> Result<(Arc<RemoteLayer>, String, String)> {
+        let reference = label(labels, &[CRI_IMAGE_REF, STARGZ_REFERENCE])
+            .ok_or_else(|| Error::InvalidArgument("labels name no image reference".into()))?;
+        let digest = label(labels, &[CRI_LAYER_DIGEST, STARGZ_DIGEST])
+            .ok_or_else(|| Error::InvalidArgument("labels name no layer digest".into()))?;
+        if let Some(l) = lock(&self.layers).get(digest).and_then(Weak::upgrade) {
+            return Ok((l, reference.to_string(), digest.to_string()));
+        }
+        let r = Reference::parse(reference).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let d = RegDigest::parse(digest).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // The TOC digest comes from the forwarded annotation label when the image
+        // carries it; otherwise (zstd:chunked annotations are not forwarded) from the
+        // layer descriptor in the image manifest.
+        let (opts, blob) = match labels.get(LABEL_TOC_DIGEST) {
+            Some(toc) => {
+                let mut ann = std::collections::BTreeMap::new();
+                ann.insert(ANNOTATION_TOC_DIGEST.to_string(), toc.clone());
+                let opts = image::open_options(&ann)?;
+                let blob = self
+                    .handle
+                    .block_on(self.client.open_blob(&r, &d))
+                    .map_err(|e| Error::Fetch {
+                        blob: format!("{r}@{d}"),
+                        reason: e.to_string(),
+                    })?;
+                (opts, blob)
+            }
+            None => {
+                let img = self.image(&r)?;
+                let desc = img.layers.iter().find(|l| l.digest == d).ok_or_else(|| {
+                    Error::InvalidArgument(format!("{r}: manifest has no layer {d}"))
+                })?;
+                let blob = self
+                    .client
+                    .blob(&img.reference, desc)
+                    .map_err(|e| Error::Fetch {
+                        blob: format!("{r}@{d}"),
+                        reason: e.to_string(),
+                    })?;
+                (image::open_options(&desc.annotations)?, blob)
+            }
+        };
+        let opts: OpenOptions = opts.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{r}@{d}: no TOC digest: not an eStargz or zstd:chunked layer"
+            ))
+        })?;
+        let layer = RemoteLayer::open(
+            RegistryBlob::new(blob, self.handle.clone()),
+            &opts,
+            self.cache.clone(),
+            self.cfg.clone(),
+        )?;
+        lock(&self.layers).insert(digest.to_string(), Arc::downgrade(&layer));
+        Ok((layer, reference.to_string(), digest.to_string()))
+    }
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .any(|mp| Path::new(&mp.replace("\\040", " ")) == dir)
+        })
+        .unwrap_or(false)
+}
+
+impl RemoteFs for LazyFs {
+    fn mount(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()> {
+        let inner = self.inner.clone();
+        let mp = mountpoint.to_path_buf();
+        let labels = labels.clone();
+        off_runtime(move || {
+            let (layer, reference, digest) = inner.open(&labels)?;
+            let fuse = mount_layer(
+                layer.clone(),
+                &mp,
+                &MountOptions {
+                    fs_name: format!(
+                        "lazysnap:{}",
+                        digest.trim_start_matches("sha256:").get(..12).unwrap_or("")
+                    ),
+                    ..inner.fuse.clone()
+                },
+                inner.workers.clone(),
+            )?;
+            let stop = Arc::new(AtomicBool::new(false));
+            // prefetch, then the rest of the layer, off the Prepare path
+            let (l, s, bg) = (layer.clone(), stop.clone(), inner.cfg.background_fetch);
+            let spawned = std::thread::Builder::new()
+                .name("lazysnap-fetch".into())
+                .spawn(move || {
+                    if let Err(e) = l.prefetch() {
+                        tracing::warn!(layer = l.name(), error = %e, "prefetch failed");
+                    }
+                    if bg
+                        && !s.load(Ordering::Relaxed)
+                        && let Err(e) = l.fetch_all(&s, true)
+                    {
+                        tracing::warn!(layer = l.name(), error = %e, "background fetch stopped");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the background fetch");
+            }
+            tracing::info!(layer = layer.name(), mountpoint = %mp.display(), "remote layer mounted");
+            lock(&inner.mounts).insert(
+                mp,
+                Mounted {
+                    fuse: Some(fuse),
+                    layer,
+                    stop,
+                    reference,
+                    digest,
+                },
+            );
+            Ok(())
+        })
+    }
+
+    fn check(&self, mountpoint: &Path, _labels: &HashMap<String, String>) -> Result<()> {
+        let known = lock(&self.inner.mounts).contains_key(mountpoint);
+        if known && is_mounted(mountpoint) {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(format!(
+                "{}: remote layer is not mounted",
+                mountpoint.display()
+            )))
+        }
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<()> {
+        let m = lock(&self.inner.mounts).remove(mountpoint);
+        if let Some(mut m) = m {
+            m.stop.store(true, Ordering::Relaxed);
+            if let Some(f) = m.fuse.take() {
+                f.unmount().map_err(|e| {
+                    Error::io(
+                        format!("{}: unmount", mountpoint.display()),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })?;
+            }
+        } else if is_mounted(mountpoint) {
+            // a stale mount of an earlier process
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> Vec<serde_json::Value> {
+        lock(&self.inner.mounts)
+            .iter()
+            .map(|(mp, m)| {
+                let mut v = serde_json::to_value(m.layer.stats()).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("mountpoint".into(), mp.display().to_string().into());
+                    o.insert("reference".into(), m.reference.clone().into());
+                    o.insert("digest".into(), m.digest.clone().into());
+                }
+                v
+            })
+            .collect()
+    }
+
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(LayerMetrics(Arc::downgrade(&self.inner))));
+    }
+}
+
+/// Per-layer fetch counters and cache use, read at scrape time.
+#[derive(Debug)]
+struct LayerMetrics(Weak<Inner>);
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LazyFs")
+    }
+}
+
+impl Collector for LayerMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let Some(inner) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let stats: Vec<(String, crate::layer::LayerStats)> = lock(&inner.mounts)
+            .values()
+            .map(|m| (m.digest.clone(), m.layer.stats()))
+            .collect();
+        type Field = fn(&crate::layer::LayerStats) -> u64;
+        let counters: [(&str, &str, Field); 4] = [
+            (
+                "fetched_bytes",
+                "Compressed bytes fetched from the registry",
+                |s| s.fetched_bytes,
+            ),
+            (
+                "fetch_requests",
+                "Range requests sent to the registry (on demand, prefetch, background)",
+                |s| s.fetch_requests,
+            ),
+            ("served_bytes", "File bytes served to readers", |s| {
+                s.served_bytes
+            }),
+            ("read_errors", "Reads answered with EIO", |s| s.read_errors),
+        ];
+        for (name, help, f) in counters {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (d, s) in &stats {
+                let labels = [("layer", d.as_str())];
+                ConstCounter::new(f(s)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "cached_bytes",
+            "Uncompressed bytes of the layer held in the chunk cache",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, s) in &stats {
+            let labels = [("layer", d.as_str())];
+            ConstGauge::new(s.bytes_cached as i64).encode(m.encode_family(&labels)?)?;
+        }
+        let c = inner.cache.stats();
+        for (name, help, v) in [
+            (
+                "cache_disk_bytes",
+                "Bytes in the disk chunk cache",
+                c.disk_bytes,
+            ),
+            (
+                "cache_memory_bytes",
+                "Bytes in the memory chunk cache",
+                c.memory_bytes,
+            ),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(v as i64).encode(m)?;
+        }
+        for (name, help, v) in [
+            ("cache_hits", "Disk chunk cache hits", c.hits),
+            ("cache_misses", "Disk chunk cache misses", c.misses),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)?;
+        }
+        Ok(())
+    }
+}

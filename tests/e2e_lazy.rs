@@ -1,0 +1,201 @@
+//! Lazy pulling end to end with real containerd, runc and docker-registry: an eStargz
+//! image pulled with `ctr-remote image rpull --snapshotter lazysnap` runs while the
+//! registry serves only range requests of its layer blob; after `kill -9` of the
+//! daemon the remote snapshots are mounted again and the image runs again.
+
+mod common;
+mod support;
+
+use common::registry::{Layer, Registry, sha256_hex};
+use lazysnap::format::Format;
+use lazysnap::format::writer::{WriteOptions, write_layer};
+use support::{Containerd, Daemon, require};
+
+const MOTD: &str = "served lazily by lazysnap";
+
+/// A busybox root filesystem with a big extra file that the container never reads.
+fn busybox_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_600_000_000);
+        match link {
+            Some(l) => b.append_link(&mut h, path, l).unwrap(),
+            None => b.append_data(&mut h, path, data).unwrap(),
+        }
+    };
+    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "data/"] {
+        add(d, 0o755, b"", tar::EntryType::Directory, None);
+    }
+    add(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").unwrap(),
+        tar::EntryType::Regular,
+        None,
+    );
+    for a in ["sh", "cat", "echo", "ls"] {
+        add(
+            &format!("bin/{a}"),
+            0o777,
+            b"",
+            tar::EntryType::Symlink,
+            Some("busybox"),
+        );
+    }
+    add(
+        "etc/motd",
+        0o644,
+        format!("{MOTD}\n").as_bytes(),
+        tar::EntryType::Regular,
+        None,
+    );
+    add(
+        "data/unread.bin",
+        0o644,
+        &common::prng_bytes(3, 24 << 20),
+        tar::EntryType::Regular,
+        None,
+    );
+    b.into_inner().unwrap()
+}
+
+fn estargz(tar: &[u8], prioritized: &[&str]) -> Layer {
+    let mut out = Vec::new();
+    let r = write_layer(
+        &tar.to_vec(),
+        &mut out,
+        &WriteOptions {
+            format: Format::Estargz,
+            prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    Layer {
+        blob: out,
+        media_type: r.media_type.to_string(),
+        annotations: r.annotations,
+        diff_id: r.diff_id,
+    }
+}
+
+/// Status codes of the registry's GETs of one blob, from its access log.
+fn blob_get_statuses(reg: &Registry, digest: &str) -> Vec<u16> {
+    reg.log()
+        .lines()
+        .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            after.split(' ').next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn run(c: &Containerd, image: &str, id: &str) -> String {
+    c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazysnap",
+        "--net-host",
+        image,
+        id,
+        "/bin/cat",
+        "/etc/motd",
+    ])
+}
+
+#[test]
+fn rpull_runs_lazily_and_survives_kill_9() {
+    if !require(
+        &[
+            "/usr/bin/containerd",
+            "/usr/sbin/runc",
+            "/usr/bin/docker-registry",
+            "/usr/bin/ctr-remote",
+        ],
+        "lazy rpull",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let layer = estargz(&busybox_tar(), &["/bin/busybox", "/etc/motd"]);
+    let digest = format!("sha256:{}", sha256_hex(&layer.blob));
+    let blob_size = layer.blob.len();
+    let image = reg.push_image("lazy/busybox", "esgz", &[layer]);
+
+    let cache = work.path().join("cache");
+    let mut daemon = Daemon::start(
+        &work.path().join("lazysnap"),
+        &format!(
+            "[cache]\ndir = \"{}\"\n[layer]\nbackground_fetch = false\n",
+            cache.display()
+        ),
+    );
+    let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
+    c.wait_snapshotter("lazysnap");
+
+    let mut cmd = std::process::Command::new("/usr/bin/ctr-remote");
+    cmd.arg("--address").arg(&c.address).args([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        "lazysnap",
+        &image,
+    ]);
+    let out = support::run_bounded(cmd, std::time::Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "rpull: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    assert_eq!(run(&c, &image, "lazy-1").trim(), MOTD, "{}", daemon.log());
+
+    // the layer is a remote snapshot, and the registry never sent the whole blob
+    let snaps = c.ctr_ok(&["snapshot", "--snapshotter", "lazysnap", "ls"]);
+    assert!(snaps.contains("Committed"), "{snaps}");
+    let statuses = blob_get_statuses(&reg, &digest);
+    assert!(!statuses.is_empty(), "no blob reads logged:\n{}", reg.log());
+    assert!(
+        statuses.iter().all(|&s| s == 206),
+        "layer blob GETs must all be ranges, got {statuses:?}"
+    );
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        .args(["status", "--json", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let layers = v["layers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(layers.len(), 1, "{text}");
+    let fetched = layers[0]["fetched_bytes"].as_u64().unwrap();
+    eprintln!("fetched {fetched} of {blob_size} blob bytes");
+    assert!(
+        (fetched as usize) < blob_size / 2,
+        "the unread 24 MiB file must not be fetched: {fetched} of {blob_size}"
+    );
+
+    // a crash: the remote snapshot is mounted again at start and the image runs
+    daemon.kill9();
+    support::detach_mounts_under(&daemon.root);
+    daemon.start_again();
+    c.wait_snapshotter("lazysnap");
+    assert_eq!(run(&c, &image, "lazy-2").trim(), MOTD, "{}", daemon.log());
+
+    // removing the image releases the snapshots and their mounts
+    c.ctr_ok(&["image", "rm", &image]);
+    let _ = c.ctr(&["snapshot", "--snapshotter", "lazysnap", "ls"]);
+}

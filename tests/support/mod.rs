@@ -1,0 +1,388 @@
+//! Process guards for end-to-end tests: a `lazysnap serve` daemon, a private
+//! containerd (with lazysnap as a proxy snapshotter), and a docker-registry, each in
+//! its own temporary directory, each killed (and its mounts detached) on drop.
+//!
+//! Use from a test crate with `mod support;`.
+#![allow(dead_code)]
+
+pub mod fake_remote;
+pub mod image;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether all tools exist; under `CI=true` a missing tool fails the test, otherwise
+/// the test prints a skip line and should return.
+pub fn require(tools: &[&str], test: &str) -> bool {
+    for tool in tools {
+        if !Path::new(tool).exists() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: {tool} is missing and CI=true");
+            }
+            eprintln!("skipped: {test}: {tool} missing");
+            return false;
+        }
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: needs root and CI=true");
+        }
+        eprintln!("skipped: {test}: needs root");
+        return false;
+    }
+    true
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Detaches every mount under `dir`, deepest first (best effort).
+pub fn detach_mounts_under(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut mps: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mps.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mp in mps {
+        let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn kill_and_wait(child: &mut Child, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    if !wait_until(grace, || matches!(child.try_wait(), Ok(Some(_)))) {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// Kills processes whose command line contains `needle` (shims of our containerd).
+fn kill_matching(needle: &str) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+            && pid != std::process::id() as i32
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// A `lazysnap serve` child process.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes a config under `dir` and starts the daemon; waits until it accepts.
+    pub fn start(dir: &Path, extra_config: &str) -> Daemon {
+        std::fs::create_dir_all(dir).expect("daemon dir");
+        let socket = dir.join("lazysnap.sock");
+        let root = dir.join("root");
+        let config = dir.join("lazysnap.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\nroot = \"{}\"\n{extra_config}",
+                socket.display(),
+                root.display()
+            ),
+        )
+        .expect("config");
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            socket,
+            root,
+            config,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("lazysnap.log"))
+            .expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "lazysnap=debug")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn lazysnap serve");
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        let up = wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(up, "lazysnap serve did not start:\n{}", self.log());
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("lazysnap.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        kill_and_wait(&mut c, Duration::from_secs(20));
+        c.wait().ok()
+    }
+
+    /// Starts the daemon again with the same config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Starts again after a crash (the child is already gone).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_wait(&mut c, Duration::from_secs(10));
+        }
+        detach_mounts_under(&self.root);
+    }
+}
+
+/// A private containerd with lazysnap as `[proxy_plugins.lazysnap]`; CRI disabled.
+pub struct Containerd {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub address: PathBuf,
+    pub root: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd in `dir`, with the proxy plugin pointing at `snapshotter_socket`.
+    pub fn start(dir: &Path, snapshotter_socket: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).expect("containerd dir");
+        let address = dir.join("c.sock");
+        let root = dir.join("root");
+        let cfg = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{addr}"
+
+[ttrpc]
+  address = "{addr}.ttrpc"
+
+[proxy_plugins.lazysnap]
+  type = "snapshot"
+  address = "{snap}"
+"#,
+            root = root.display(),
+            state = dir.join("state").display(),
+            addr = address.display(),
+            snap = snapshotter_socket.display(),
+        );
+        let cfg_path = dir.join("config.toml");
+        std::fs::write(&cfg_path, cfg).expect("containerd config");
+        let log = std::fs::File::create(dir.join("containerd.log")).expect("log");
+        let child = Command::new("/usr/bin/containerd")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn containerd");
+        let c = Containerd {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            address,
+            root,
+        };
+        let up = wait_until(Duration::from_secs(30), || {
+            c.ctr(&["version"]).status.success()
+        });
+        assert!(up, "containerd did not start:\n{}", c.log());
+        c
+    }
+
+    /// containerd's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `ctr --address <ours> ARGS` (bounded to 120 s).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new("/usr/bin/ctr");
+        cmd.arg("--address").arg(&self.address).args(args);
+        run_bounded(cmd, Duration::from_secs(120))
+    }
+
+    /// `ctr` that must succeed; returns stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let o = self.ctr(args);
+        assert!(
+            o.status.success(),
+            "ctr {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Waits until a prepare/rm round trip through the snapshotter succeeds
+    /// (containerd backs off after refused dials).
+    pub fn wait_snapshotter(&self, snapshotter: &str) {
+        let mut n = 0;
+        let ok = wait_until(Duration::from_secs(90), || {
+            n += 1;
+            let key = format!("probe-{n}");
+            let p = self.ctr(&["snapshot", "--snapshotter", snapshotter, "prepare", &key]);
+            if p.status.success() {
+                self.ctr(&["snapshot", "--snapshotter", snapshotter, "rm", &key]);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            false
+        });
+        assert!(
+            ok,
+            "snapshotter {snapshotter} never became usable:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_and_wait(&mut c, Duration::from_secs(10));
+        }
+        kill_matching(&self.address.to_string_lossy());
+        detach_mounts_under(&self.dir);
+    }
+}
+
+/// Runs a command, killing it after `limit`.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    });
+    let out = child.wait_with_output().expect("wait");
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watchdog.join();
+    out
+}
+
+/// A docker-registry on 127.0.0.1, killed on drop.
+pub struct Registry {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry with filesystem storage on a free loopback port.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("storage").display()
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, cfg).expect("config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn docker-registry");
+        let reg = Registry { child, port, dir };
+        let up = wait_until(Duration::from_secs(15), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "docker-registry did not start");
+        reg
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
