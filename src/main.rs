@@ -8,14 +8,18 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    // the daemon logs its work; one-shot commands only warnings (RUST_LOG overrides)
+    let default = match cli.command {
+        cli::Command::Serve(_) => "warn,lazysnap=info,lazysnap_fuse=info,lazysnap_registry=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,lazysnap=info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -259,3 +259,73 @@ fn disk_cache_is_shared_and_survives_a_new_layer_object() {
         "only the TOC was read"
     );
 }
+
+#[test]
+fn passthrough_files_are_built_from_verified_chunks_by_this_process_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        dir: Some(dir.path().to_path_buf()),
+        ..CacheConfig::default()
+    };
+    let tar = common::corpus_tar(4096);
+    let mut data = Vec::new();
+    let res = write_layer(
+        &tar,
+        &mut data,
+        &WriteOptions {
+            chunk_size: 4096,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let open = || {
+        let b = Arc::new(TestBlob {
+            data: Mutex::new(data.clone()),
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            delay_ms: 0,
+        });
+        RemoteLayer::open(
+            b,
+            &OpenOptions {
+                toc_digest: Some(res.toc_digest.parse().unwrap()),
+                ..OpenOptions::default()
+            },
+            Arc::new(ChunkCache::new(&cfg).unwrap()),
+            no_small(),
+        )
+        .unwrap()
+    };
+    let l = open();
+    let (path, id) = l
+        .index()
+        .walk()
+        .into_iter()
+        .find(|(_, id)| l.index().chunks(*id).len() > 2)
+        .unwrap();
+    assert!(l.backing_file(id).is_none(), "nothing cached yet");
+    assert!(!l.wants_backing_file(id));
+    l.fetch_all(&AtomicBool::new(false), false).unwrap();
+    assert!(l.wants_backing_file(id));
+    l.build_backing_file(id).unwrap();
+    let mut f = l.backing_file(id).expect("built");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+    let expected = common::tar_entries(&tar);
+    assert_eq!(got, common::file_content(&expected, &path).unwrap());
+    // a file left on disk by an earlier process is not trusted, even if tampered with
+    let file = std::fs::read_dir(dir.path().join("files"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&file, vec![0u8; got.len()]).unwrap();
+    drop(l);
+    let l2 = open();
+    assert!(l2.backing_file(id).is_none());
+    l2.build_backing_file(id).unwrap();
+    let mut got2 = Vec::new();
+    std::io::Read::read_to_end(&mut l2.backing_file(id).unwrap(), &mut got2).unwrap();
+    assert_eq!(got2, got, "rebuilt from verified chunks");
+}

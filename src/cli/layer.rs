@@ -85,16 +85,12 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Args)]
 pub struct SrcArgs {
-    /// The layer blob file (omit with --image).
-    #[arg(required_unless_present = "image")]
-    src: Option<PathBuf>,
-    /// Read the layer from an image in a registry instead of a file.
-    #[arg(long, requires = "layer")]
-    image: Option<String>,
-    /// With --image: the layer, as a 0-based index (base first) or a digest.
+    /// The layer blob file, or with --layer an image reference in a registry.
+    src: String,
+    /// Read layer N (0-based, base first) or DIGEST of the image SRC names.
     #[arg(long)]
     layer: Option<String>,
-    /// With --image: containerd-style certs.d directory for registry hosts.
+    /// With --layer: containerd-style certs.d directory for registry hosts.
     #[arg(long, default_value = "/etc/lazysnap/certs.d")]
     certs_dir: PathBuf,
     /// Expected TOC digest (the `containerd.io/snapshot/stargz/toc.digest` annotation,
@@ -221,7 +217,8 @@ fn source(a: &SrcArgs) -> Result<Source> {
         .map(str::parse::<Digest>)
         .transpose()
         .with_context(|| "--toc-digest".to_string())?;
-    if let Some(path) = &a.src {
+    let Some(sel) = a.layer.as_deref() else {
+        let path = Path::new(&a.src);
         let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         return Ok(Source {
             name: path.display().to_string(),
@@ -230,12 +227,8 @@ fn source(a: &SrcArgs) -> Result<Source> {
             toc_location: None,
             _rt: None,
         });
-    }
-    let image = a
-        .image
-        .as_deref()
-        .context("a blob file or --image is needed")?;
-    let sel = a.layer.as_deref().context("--image needs --layer")?;
+    };
+    let image = a.src.as_str();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

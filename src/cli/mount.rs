@@ -200,6 +200,7 @@ pub fn run(a: MountArgs) -> Result<()> {
                     "lazysnap:{}",
                     layer.toc_digest().hex().get(..12).unwrap_or("")
                 ),
+                passthrough: !a.no_passthrough,
                 ..MountOptions::default()
             },
             workers.clone(),

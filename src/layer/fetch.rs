@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
+use rayon::prelude::*;
 
 use super::RemoteLayer;
 use crate::error::{Error, Result};
@@ -51,6 +52,14 @@ impl Inflights {
         let f = Arc::new(Inflight::default());
         m.insert(i, f.clone());
         (f, true)
+    }
+
+    /// Whether chunk `i` is being fetched.
+    pub(super) fn contains(&self, i: usize) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&i)
     }
 
     fn release(&self, i: usize) {
@@ -175,18 +184,26 @@ fn fetch_owned(
             .counters
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        for &j in members {
+        // chunks are independent: decompress and verify them on all cores
+        let decoded: Vec<(usize, Result<Bytes>)> = members
+            .par_iter()
+            .map(|&j| {
+                let c = &all[items[j].1];
+                let from = (c.compressed_offset - range.start) as usize;
+                let to = (c.compressed_end - range.start) as usize;
+                let r = bytes
+                    .get(from..to)
+                    .ok_or_else(|| Error::Fetch {
+                        blob: layer.name().to_string(),
+                        reason: format!("short range {}..{}", range.start, range.end),
+                    })
+                    .and_then(|z| decode(layer, c, z));
+                (j, r)
+            })
+            .collect();
+        for (j, r) in decoded {
             let (k, i, f) = &items[j];
             let c = &all[*i];
-            let from = (c.compressed_offset - range.start) as usize;
-            let to = (c.compressed_end - range.start) as usize;
-            let r = bytes
-                .get(from..to)
-                .ok_or_else(|| Error::Fetch {
-                    blob: layer.name().to_string(),
-                    reason: format!("short range {}..{}", range.start, range.end),
-                })
-                .and_then(|z| decode(layer, c, z));
             match r {
                 Ok(data) => {
                     layer.cache.insert(layer.key(c), data.clone());

@@ -41,6 +41,9 @@ pub struct LayerConfig {
     pub max_fetch_span: u64,
     /// Bytes per background-fetch request.
     pub background_span: u64,
+    /// After an on-demand read, fetch this many following bytes of the same file
+    /// in the background, so sequential readers overlap download and decompression.
+    pub readahead_bytes: u64,
     /// Serve chunks of legacy layers that carry no digests.
     pub allow_unverified: bool,
 }
@@ -53,6 +56,7 @@ impl Default for LayerConfig {
             small_layer_bytes: 2 << 20,
             max_fetch_span: 8 << 20,
             background_span: 8 << 20,
+            readahead_bytes: 16 << 20,
             allow_unverified: false,
         }
     }
@@ -100,6 +104,12 @@ pub struct RemoteLayer {
     counters: Counters,
     demand: AtomicUsize,
     bytes_total: u64,
+    /// Files whose passthrough backing file this process built.
+    backing: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl RemoteLayer {
@@ -141,6 +151,7 @@ impl RemoteLayer {
             counters: Counters::default(),
             demand: AtomicUsize::new(0),
             bytes_total,
+            backing: Default::default(),
         });
         // chunks already in the shared cache (another layer, an earlier run)
         for i in 0..n {
@@ -259,6 +270,25 @@ impl RemoteLayer {
         }
     }
 
+    /// Bytes to read ahead after an on-demand read.
+    pub fn readahead_window(&self) -> u64 {
+        self.cfg.readahead_bytes
+    }
+
+    /// Whether a sequential reader at `offset` of file `id` is about to run out of
+    /// fetched chunks: the chunk half a window ahead is neither cached nor in flight.
+    pub fn readahead_due(&self, id: NodeId, offset: u64, window: u64) -> bool {
+        let span = self.index.chunk_span(id);
+        let ahead = offset.saturating_add(window / 2);
+        match self.index.chunk_at(id, ahead) {
+            Some(i) => {
+                let g = span.start + i;
+                !self.cached[g].load(Ordering::Relaxed) && !self.inflight.contains(g)
+            }
+            None => false,
+        }
+    }
+
     /// Whether file `id` is wholly cached.
     pub fn file_cached(&self, id: NodeId) -> bool {
         self.index
@@ -266,41 +296,92 @@ impl RemoteLayer {
             .all(|i| self.cached[i].load(Ordering::Relaxed))
     }
 
-    /// A local file with the whole content of file `id`, when every chunk is cached
-    /// and the cache is on disk: FUSE passthrough lets the kernel read it directly.
-    /// Assembled once under `<cache>/files/` and reused.
+    /// A local file with the whole content of file `id`, for FUSE passthrough, when
+    /// it has been assembled from verified cached chunks by this process. Building it
+    /// is left to [`RemoteLayer::build_backing_file`] on a worker, never done here, so
+    /// an `open` never waits; files left by an earlier process are not trusted.
     pub fn backing_file(&self, id: NodeId) -> Option<std::fs::File> {
-        let dir = self.cache.disk()?.dir().join("files");
-        if !self.file_cached(id) {
+        if !lock(&self.backing).contains(&id) {
             return None;
         }
-        let name = format!("{}-{id}", self.toc_digest.hex());
-        let path = dir.join(&name);
-        if let Ok(f) = std::fs::File::open(&path) {
-            return Some(f);
+        std::fs::File::open(self.backing_path(id)?).ok()
+    }
+
+    /// Whether [`RemoteLayer::build_backing_file`] would have work to do.
+    pub fn wants_backing_file(&self, id: NodeId) -> bool {
+        self.cache.disk().is_some() && self.file_cached(id) && !lock(&self.backing).contains(&id)
+    }
+
+    fn backing_path(&self, id: NodeId) -> Option<std::path::PathBuf> {
+        let dir = self.cache.disk()?.dir().join("files");
+        Some(dir.join(format!("{}-{id}", self.toc_digest.hex())))
+    }
+
+    /// Writes file `id` from its verified cached chunks into the cache's `files/`
+    /// directory (streamed, temporary name, rename), for later passthrough opens.
+    pub fn build_backing_file(&self, id: NodeId) -> Result<()> {
+        let Some(path) = self.backing_path(id) else {
+            return Ok(());
+        };
+        if !self.file_cached(id) || lock(&self.backing).contains(&id) {
+            return Ok(());
         }
-        let size = self.index.node(id)?.size;
-        let mut data = Vec::with_capacity(size as usize);
-        for i in self.index.chunk_span(id) {
-            let c = &self.index.all_chunks()[i];
-            if c.zeros {
-                data.resize(data.len() + c.size as usize, 0);
-            } else {
-                data.extend_from_slice(&self.cache.get(&self.key(c))?);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let write = || -> Result<()> {
+            use std::io::Write;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| Error::io(format!("{}: create", dir.display()), e))?;
             }
-        }
-        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(&tmp, &data)?;
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| Error::io(format!("{}: create", tmp.display()), e))?;
+            let mut w = std::io::BufWriter::new(f);
+            for i in self.index.chunk_span(id) {
+                let c = &self.index.all_chunks()[i];
+                let data = if c.zeros {
+                    Bytes::from(vec![0u8; c.size as usize])
+                } else {
+                    self.chunks(&[i], self.cfg.max_fetch_span)?
+                        .pop()
+                        .unwrap_or_default()
+                };
+                w.write_all(&data)
+                    .map_err(|e| Error::io(format!("{}: write", tmp.display()), e))?;
+            }
+            w.flush()
+                .map_err(|e| Error::io(format!("{}: write", tmp.display()), e))?;
             std::fs::rename(&tmp, &path)
+                .map_err(|e| Error::io(format!("{}: rename", path.display()), e))
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&tmp);
-            tracing::warn!(path = %path.display(), error = %e, "cannot write passthrough file");
-            return None;
+            return Err(e);
         }
-        std::fs::File::open(&path).ok()
+        lock(&self.backing).insert(id);
+        Ok(())
+    }
+
+    /// Fetches the chunks of file `id` that follow `offset`, up to `window` bytes,
+    /// so that a sequential reader finds them cached (or in flight).
+    pub fn readahead(&self, id: NodeId, offset: u64, window: u64) {
+        let span = self.index.chunk_span(id);
+        let all = self.index.all_chunks();
+        let Some(first) = self.index.chunk_at(id, offset).map(|i| span.start + i) else {
+            return;
+        };
+        let mut bytes = 0;
+        let idxs: Vec<usize> = (first..span.end)
+            .filter(|&i| !self.cached[i].load(Ordering::Relaxed))
+            .take_while(|&i| {
+                bytes += all[i].size;
+                bytes <= window
+            })
+            .collect();
+        if !idxs.is_empty()
+            && let Err(e) = self.chunks(&idxs, self.cfg.max_fetch_span)
+        {
+            tracing::debug!(layer = self.name(), error = %e, "read-ahead failed");
+        }
     }
 
     /// Gets chunks by global index: cache, or one fetch per run of adjacent

@@ -101,8 +101,15 @@ impl Content for LayerContent {
             reply.error(libc::EIO);
             return;
         };
+        let window = self.layer.readahead_window();
         if let Some(data) = self.layer.read_cached(id, offset, size) {
             reply.data(&data);
+            let next = offset.saturating_add(size as u64);
+            if window > 0 && self.layer.readahead_due(id, next, window) {
+                let layer = self.layer.clone();
+                self.workers
+                    .spawn(move || layer.readahead(id, next, window));
+            }
             return;
         }
         let layer = self.layer.clone();

@@ -193,7 +193,8 @@ impl Drop for Daemon {
     }
 }
 
-/// A private containerd with lazysnap as `[proxy_plugins.lazysnap]`; CRI disabled.
+/// A private containerd with lazysnap as `[proxy_plugins.lazysnap]`; CRI disabled
+/// unless started with [`Containerd::start_with_cri`].
 pub struct Containerd {
     child: Option<Child>,
     pub dir: PathBuf,
@@ -204,15 +205,51 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd in `dir`, with the proxy plugin pointing at `snapshotter_socket`.
     pub fn start(dir: &Path, snapshotter_socket: &Path) -> Containerd {
+        Self::start_config(dir, snapshotter_socket, false)
+    }
+
+    /// Like [`Containerd::start`], with the CRI plugin enabled: `lazysnap` is CRI's
+    /// snapshotter, `disable_snapshot_annotations = false` (Prepare gets the
+    /// `containerd.io/snapshot/cri.*` labels), `restrict_oom_score_adj = true` (root
+    /// here lacks CAP_SYS_RESOURCE), CNI directories and registry hosts
+    /// (`config_path`, see [`Containerd::plain_http`]) under `dir`, the streaming
+    /// server on 127.0.0.1. No CNI config: run no pods with networking. Waits until
+    /// the CRI plugin is loaded.
+    pub fn start_with_cri(dir: &Path, snapshotter_socket: &Path) -> Containerd {
+        Self::start_config(dir, snapshotter_socket, true)
+    }
+
+    fn start_config(dir: &Path, snapshotter_socket: &Path, cri: bool) -> Containerd {
         std::fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
         let root = dir.join("root");
+        let plugins = if cri {
+            format!(
+                r#"
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "lazysnap"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{certs}"
+"#,
+                cni = dir.join("cni").display(),
+                certs = dir.join("certs.d").display(),
+            )
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string()
+        };
         let cfg = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
+{disabled}
 [grpc]
   address = "{addr}"
 
@@ -222,11 +259,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.lazysnap]
   type = "snapshot"
   address = "{snap}"
-"#,
+{cri_plugin}"#,
             root = root.display(),
             state = dir.join("state").display(),
             addr = address.display(),
             snap = snapshotter_socket.display(),
+            disabled = if cri { "" } else { plugins.as_str() },
+            cri_plugin = if cri { plugins.as_str() } else { "" },
         );
         let cfg_path = dir.join("config.toml");
         std::fs::write(&cfg_path, cfg).expect("containerd config");
@@ -248,7 +287,30 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             c.ctr(&["version"]).status.success()
         });
         assert!(up, "containerd did not start:\n{}", c.log());
+        if cri {
+            let loaded = wait_until(Duration::from_secs(30), || {
+                let o = c.ctr(&["plugins", "ls", "id==cri"]);
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.contains("io.containerd.grpc.v1") && l.ends_with("ok"))
+            });
+            assert!(loaded, "the CRI plugin did not load:\n{}", c.log());
+        }
         c
+    }
+
+    /// Lets CRI pull from `host` (`127.0.0.1:PORT`) over plain HTTP: writes
+    /// `<dir>/certs.d/<host>/hosts.toml` (read at every pull).
+    pub fn plain_http(&self, host: &str) {
+        let d = self.dir.join("certs.d").join(host);
+        std::fs::create_dir_all(&d).expect("certs.d");
+        std::fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("hosts.toml");
     }
 
     /// containerd's log.
