@@ -248,7 +248,8 @@ pub fn run(a: MountArgs) -> Result<()> {
                     .to_string()
             })
             .collect();
-        let data = format!("lowerdir={}", lower.join(":"));
+        // xino: inode numbers stay unique across layers (each FUSE layer numbers from 1)
+        let data = format!("lowerdir={},xino=on", lower.join(":"));
         nix::mount::mount(
             Some("overlay"),
             &a.dir,

@@ -5,6 +5,7 @@
 //! Use from a test crate with `mod common;`.
 #![allow(dead_code)]
 
+pub mod lazy;
 pub mod registry;
 
 use std::collections::BTreeMap;
