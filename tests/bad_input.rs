@@ -12,17 +12,14 @@ use lazysnap::format::writer::{WriteOptions, write_layer};
 use lazysnap::format::{Format, Layer, OpenOptions};
 
 fn blob_of(tar: &[u8], format: Format) -> (Vec<u8>, String) {
-    let mut out = Vec::new();
-    let res = write_layer(
-        &tar.to_vec(),
-        &mut out,
+    let (out, res) = common::convert(
+        tar,
         &WriteOptions {
             format,
             chunk_size: 4096,
             ..WriteOptions::default()
         },
-    )
-    .unwrap();
+    );
     (out, res.toc_digest)
 }
 

@@ -8,7 +8,7 @@ mod support;
 
 use common::registry::{Layer, Registry, sha256_hex};
 use lazysnap::format::Format;
-use lazysnap::format::writer::{WriteOptions, write_layer};
+use lazysnap::format::writer::WriteOptions;
 use support::{Containerd, Daemon, require};
 
 const MOTD: &str = "served lazily by lazysnap";
@@ -64,23 +64,14 @@ fn busybox_tar() -> Vec<u8> {
 }
 
 fn estargz(tar: &[u8], prioritized: &[&str]) -> Layer {
-    let mut out = Vec::new();
-    let r = write_layer(
-        &tar.to_vec(),
-        &mut out,
+    Layer::convert(
+        tar,
         &WriteOptions {
             format: Format::Estargz,
             prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
             ..WriteOptions::default()
         },
     )
-    .unwrap();
-    Layer {
-        blob: out,
-        media_type: r.media_type.to_string(),
-        annotations: r.annotations,
-        diff_id: r.diff_id,
-    }
 }
 
 /// Status codes of the registry's GETs of one blob, from its access log.

@@ -11,7 +11,7 @@ use std::process::Command;
 use common::lazy::{LazyMount, Unmount, decompress, extract_overlay_form, snapshot};
 use common::registry::{Layer, Registry, require, sha256_hex};
 use lazysnap::format::Format;
-use lazysnap::format::writer::{WriteOptions, write_layer};
+use lazysnap::format::writer::WriteOptions;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lazysnap");
 
@@ -57,23 +57,14 @@ fn upper_layer(lower: &[u8]) -> Vec<u8> {
 }
 
 fn blob(tar: &[u8], format: Format) -> Layer {
-    let mut out = Vec::new();
-    let r = write_layer(
-        &tar.to_vec(),
-        &mut out,
+    Layer::convert(
+        tar,
         &WriteOptions {
             format,
             chunk_size: 4096,
             ..WriteOptions::default()
         },
     )
-    .unwrap();
-    Layer {
-        blob: out,
-        media_type: r.media_type.to_string(),
-        annotations: r.annotations,
-        diff_id: r.diff_id,
-    }
 }
 
 #[test]

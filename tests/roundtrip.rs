@@ -19,10 +19,8 @@ fn convert(
     chunk: u64,
     threads: usize,
 ) -> (Vec<u8>, lazysnap::format::writer::WriteResult) {
-    let mut out = Vec::new();
-    let res = write_layer(
-        &tar.to_vec(),
-        &mut out,
+    common::convert(
+        tar,
         &WriteOptions {
             format,
             chunk_size: chunk,
@@ -30,8 +28,6 @@ fn convert(
             ..WriteOptions::default()
         },
     )
-    .expect("conversion");
-    (out, res)
 }
 
 /// The last entry per path wins, as in extraction.

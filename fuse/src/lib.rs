@@ -32,6 +32,15 @@ pub use error::Error;
 pub use mount::{Mount, MountOptions, kernel_supports_passthrough, mount};
 pub use tree::{NodeRef, Tree};
 
+/// Whether something is mounted on `path` (absolute; canonicalised when it exists),
+/// from `/proc/self/mountinfo`, without touching the filesystem at `path`.
+pub fn is_mountpoint(path: &std::path::Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    mountinfo::read()
+        .map(|entries| mountinfo::find(&entries, &path).is_some())
+        .unwrap_or(false)
+}
+
 /// The caller's handle for a regular file's bytes (`u64::MAX` is reserved).
 pub type FileId = u64;
 

@@ -84,19 +84,6 @@ impl Drop for Cleanup {
     }
 }
 
-fn is_mounted(dir: &Path) -> bool {
-    let Ok(canon) = dir.canonicalize() else {
-        return false;
-    };
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| {
-            s.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .any(|mp| Path::new(&mp.replace("\\040", " ")) == canon)
-        })
-        .unwrap_or(false)
-}
-
 pub fn run(a: MountArgs) -> Result<()> {
     if !a.dir.is_dir() {
         bail!("{}: not a directory", a.dir.display());
@@ -273,7 +260,7 @@ pub fn run(a: MountArgs) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if !is_mounted(&a.dir) {
+                    if !lazysnap_fuse::is_mountpoint(&a.dir) {
                         break;
                     }
                 }

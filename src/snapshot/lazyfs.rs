@@ -204,16 +204,6 @@ impl Inner {
     }
 }
 
-fn is_mounted(dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| {
-            s.lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .any(|mp| Path::new(&mp.replace("\\040", " ")) == dir)
-        })
-        .unwrap_or(false)
-}
-
 impl RemoteFs for LazyFs {
     fn mount(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()> {
         let inner = self.inner.clone();
@@ -269,7 +259,7 @@ impl RemoteFs for LazyFs {
 
     fn check(&self, mountpoint: &Path, _labels: &HashMap<String, String>) -> Result<()> {
         let known = lock(&self.inner.mounts).contains_key(mountpoint);
-        if known && is_mounted(mountpoint) {
+        if known && lazysnap_fuse::is_mountpoint(mountpoint) {
             Ok(())
         } else {
             Err(Error::Unavailable(format!(
@@ -291,7 +281,7 @@ impl RemoteFs for LazyFs {
                     )
                 })?;
             }
-        } else if is_mounted(mountpoint) {
+        } else if lazysnap_fuse::is_mountpoint(mountpoint) {
             // a stale mount of an earlier process
             let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }

@@ -8,6 +8,15 @@
 pub mod lazy;
 pub mod registry;
 
+use lazysnap::format::writer::{WriteOptions, WriteResult, write_layer};
+
+/// Converts an uncompressed `tar` with lazysnap's writer.
+pub fn convert(tar: &[u8], opts: &WriteOptions) -> (Vec<u8>, WriteResult) {
+    let mut out = Vec::new();
+    let res = write_layer(&tar.to_vec(), &mut out, opts).expect("conversion");
+    (out, res)
+}
+
 use std::collections::BTreeMap;
 use std::io::Read;
 

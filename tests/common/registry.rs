@@ -198,6 +198,19 @@ pub struct Layer {
     pub diff_id: String,
 }
 
+impl Layer {
+    /// A layer converted by lazysnap's writer, ready to push.
+    pub fn convert(tar: &[u8], opts: &lazysnap::format::writer::WriteOptions) -> Layer {
+        let (blob, r) = super::convert(tar, opts);
+        Layer {
+            blob,
+            media_type: r.media_type.to_string(),
+            annotations: r.annotations,
+            diff_id: r.diff_id,
+        }
+    }
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(data))
