@@ -136,7 +136,8 @@ impl RemoteLayer {
             },
         })?;
         let format = layer.format();
-        let (_, _, toc, index) = layer.into_parts();
+        let (src, _, toc, index) = layer.into_parts();
+        let (toc_bytes, toc_requests) = src.spent();
         let n = index.all_chunks().len();
         let bytes_total = index.all_chunks().iter().map(|c| c.size).sum();
         let l = Arc::new(RemoteLayer {
@@ -153,6 +154,13 @@ impl RemoteLayer {
             bytes_total,
             backing: Default::default(),
         });
+        // the footer and TOC count as fetched, as the registry sees them
+        l.counters
+            .fetched_bytes
+            .fetch_add(toc_bytes, Ordering::Relaxed);
+        l.counters
+            .fetch_requests
+            .fetch_add(toc_requests, Ordering::Relaxed);
         // chunks already in the shared cache (another layer, an earlier run)
         for i in 0..n {
             if l.cache.contains(&l.key(&l.index.all_chunks()[i])) {

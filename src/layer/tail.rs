@@ -2,6 +2,7 @@
 //! once usually covers both, saving a round trip per layer.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -16,6 +17,8 @@ pub struct TailCached {
     blob: Arc<dyn RemoteBlob>,
     tail_start: u64,
     tail: Bytes,
+    fetched: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl TailCached {
@@ -25,10 +28,20 @@ impl TailCached {
         let start = size.saturating_sub(TAIL_BYTES);
         let tail = blob.read_range(start..size)?;
         Ok(TailCached {
+            fetched: AtomicU64::new(tail.len() as u64),
+            requests: AtomicU64::new(1),
             blob,
             tail_start: start,
             tail,
         })
+    }
+
+    /// Bytes and requests spent so far (the tail and any reads outside it).
+    pub fn spent(&self) -> (u64, u64) {
+        (
+            self.fetched.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -44,6 +57,8 @@ impl ReadAt for TailCached {
                 return Ok(());
             }
         }
+        self.fetched.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         ReadAt::read_exact_at(&*self.blob, offset, buf)
     }
 }

@@ -292,7 +292,7 @@ state = "{state}"
                 let o = c.ctr(&["plugins", "ls", "id==cri"]);
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
-                    .any(|l| l.contains("io.containerd.grpc.v1") && l.ends_with("ok"))
+                    .any(|l| l.contains("io.containerd.grpc.v1") && l.trim_end().ends_with("ok"))
             });
             assert!(loaded, "the CRI plugin did not load:\n{}", c.log());
         }
