@@ -6,12 +6,14 @@
 //! 3. a gzip image pulled from a local docker-registry runs (`echo hi`);
 //! 4. after `kill -9` of the daemon and a restart, the image runs again.
 
+mod common;
 mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use support::{Containerd, Daemon, Registry};
+use common::registry::Registry;
+use support::{Containerd, Daemon};
 
 const TOOLS: &[&str] = &[
     "/usr/bin/containerd",
