@@ -274,17 +274,6 @@ fn row(name: &str, mut lat: Vec<Duration>, what: &str) {
     );
 }
 
-/// Status code and response bytes of GETs of `digest` in an access-log excerpt.
-fn blob_gets(log: &str, digest: &str) -> Vec<(u16, u64)> {
-    log.lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
-        .filter_map(|l| {
-            let mut f = l.split("HTTP/1.1\" ").nth(1)?.split(' ');
-            Some((f.next()?.parse().ok()?, f.next()?.parse().unwrap_or(0)))
-        })
-        .collect()
-}
-
 /// VmRSS of the `lazysnap serve` process started with `config`, in KiB.
 fn daemon_rss_kib(config: &std::path::Path) -> u64 {
     let needle = config.to_string_lossy().into_owned();
@@ -409,7 +398,7 @@ fn main() {
             log = reg.log();
             layers
                 .iter()
-                .all(|l| !blob_gets(&log[log_start..], &l.digest).is_empty())
+                .all(|l| !common::registry::blob_gets_in(&log[log_start..], &l.digest).is_empty())
         });
         let log = &log[log_start..];
         requests += log.lines().filter(|l| l.contains(" /v2/")).count();
@@ -417,7 +406,7 @@ fn main() {
             eprintln!("--- registry log, round {r}\n{log}");
         }
         for l in &layers {
-            let st = blob_gets(log, &l.digest);
+            let st = common::registry::blob_gets_in(log, &l.digest);
             assert!(
                 !st.is_empty() && st.iter().all(|&(s, _)| s == 206),
                 "lazy Prepare of {} must only read ranges: {st:?}",

@@ -111,56 +111,6 @@ where
     })
 }
 
-/// A busybox root filesystem with a big extra file that the container never reads.
-fn busybox_tar() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_600_000_000);
-        match link {
-            Some(l) => b.append_link(&mut h, path, l).unwrap(),
-            None => b.append_data(&mut h, path, data).unwrap(),
-        }
-    };
-    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "data/"] {
-        add(d, 0o755, b"", tar::EntryType::Directory, None);
-    }
-    add(
-        "bin/busybox",
-        0o755,
-        &std::fs::read("/bin/busybox").unwrap(),
-        tar::EntryType::Regular,
-        None,
-    );
-    for a in ["sh", "cat", "echo", "ls"] {
-        add(
-            &format!("bin/{a}"),
-            0o777,
-            b"",
-            tar::EntryType::Symlink,
-            Some("busybox"),
-        );
-    }
-    add(
-        "etc/motd",
-        0o644,
-        format!("{MOTD}\n").as_bytes(),
-        tar::EntryType::Regular,
-        None,
-    );
-    add(
-        "data/unread.bin",
-        0o644,
-        &common::prng_bytes(5, 24 << 20),
-        tar::EntryType::Regular,
-        None,
-    );
-    b.into_inner().unwrap()
-}
-
 fn estargz(tar: &[u8]) -> Layer {
     Layer::convert(
         tar,
@@ -170,19 +120,6 @@ fn estargz(tar: &[u8]) -> Layer {
             ..WriteOptions::default()
         },
     )
-}
-
-/// Status code and response bytes of the registry's GETs of one blob, from its
-/// access log.
-fn blob_gets(reg: &Registry, digest: &str) -> Vec<(u16, u64)> {
-    reg.log()
-        .lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
-        .filter_map(|l| {
-            let mut f = l.split("HTTP/1.1\" ").nth(1)?.split(' ');
-            Some((f.next()?.parse().ok()?, f.next()?.parse().unwrap_or(0)))
-        })
-        .collect()
 }
 
 /// `ctr snapshot info` of one snapshot, as JSON.
@@ -215,7 +152,7 @@ fn cri_pull_is_lazy_and_runs() {
     }
     let work = tempfile::tempdir().unwrap();
     let reg = Registry::start();
-    let layer = estargz(&busybox_tar());
+    let layer = estargz(&common::busybox_tar(MOTD, 5));
     let digest = format!("sha256:{}", sha256_hex(&layer.blob));
     let diff_id = layer.diff_id.clone();
     let blob_size = layer.blob.len();
@@ -348,7 +285,7 @@ fn cri_pull_is_lazy_and_runs() {
     );
 
     // The registry never sent the whole layer blob, and the daemon fetched little.
-    let gets = blob_gets(&reg, &digest);
+    let gets = reg.blob_gets(&digest);
     assert!(!gets.is_empty(), "no blob reads logged:\n{}", reg.log());
     assert!(
         gets.iter().all(|&(s, _)| s == 206),
@@ -400,7 +337,7 @@ fn cri_pull_is_lazy_and_runs() {
         "/etc/motd",
     ]);
     assert_eq!(out.trim(), MOTD, "{}", daemon.log());
-    let gets = blob_gets(&reg, &digest);
+    let gets = reg.blob_gets(&digest);
     assert!(
         gets.iter().all(|&(s, _)| s == 206),
         "layer blob GETs must all be ranges after the run, got {gets:?}"

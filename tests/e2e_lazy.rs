@@ -13,56 +13,6 @@ use support::{Containerd, Daemon, require};
 
 const MOTD: &str = "served lazily by lazysnap";
 
-/// A busybox root filesystem with a big extra file that the container never reads.
-fn busybox_tar() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_600_000_000);
-        match link {
-            Some(l) => b.append_link(&mut h, path, l).unwrap(),
-            None => b.append_data(&mut h, path, data).unwrap(),
-        }
-    };
-    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "data/"] {
-        add(d, 0o755, b"", tar::EntryType::Directory, None);
-    }
-    add(
-        "bin/busybox",
-        0o755,
-        &std::fs::read("/bin/busybox").unwrap(),
-        tar::EntryType::Regular,
-        None,
-    );
-    for a in ["sh", "cat", "echo", "ls"] {
-        add(
-            &format!("bin/{a}"),
-            0o777,
-            b"",
-            tar::EntryType::Symlink,
-            Some("busybox"),
-        );
-    }
-    add(
-        "etc/motd",
-        0o644,
-        format!("{MOTD}\n").as_bytes(),
-        tar::EntryType::Regular,
-        None,
-    );
-    add(
-        "data/unread.bin",
-        0o644,
-        &common::prng_bytes(3, 24 << 20),
-        tar::EntryType::Regular,
-        None,
-    );
-    b.into_inner().unwrap()
-}
-
 fn estargz(tar: &[u8], prioritized: &[&str]) -> Layer {
     Layer::convert(
         tar,
@@ -72,18 +22,6 @@ fn estargz(tar: &[u8], prioritized: &[&str]) -> Layer {
             ..WriteOptions::default()
         },
     )
-}
-
-/// Status codes of the registry's GETs of one blob, from its access log.
-fn blob_get_statuses(reg: &Registry, digest: &str) -> Vec<u16> {
-    reg.log()
-        .lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
-        .filter_map(|l| {
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            after.split(' ').next()?.parse().ok()
-        })
-        .collect()
 }
 
 fn run(c: &Containerd, image: &str, id: &str) -> String {
@@ -115,7 +53,10 @@ fn rpull_runs_lazily_and_survives_kill_9() {
     }
     let work = tempfile::tempdir().unwrap();
     let reg = Registry::start();
-    let layer = estargz(&busybox_tar(), &["/bin/busybox", "/etc/motd"]);
+    let layer = estargz(
+        &common::busybox_tar(MOTD, 3),
+        &["/bin/busybox", "/etc/motd"],
+    );
     let digest = format!("sha256:{}", sha256_hex(&layer.blob));
     let blob_size = layer.blob.len();
     let image = reg.push_image("lazy/busybox", "esgz", &[layer]);
@@ -152,7 +93,7 @@ fn rpull_runs_lazily_and_survives_kill_9() {
     // the layer is a remote snapshot, and the registry never sent the whole blob
     let snaps = c.ctr_ok(&["snapshot", "--snapshotter", "lazysnap", "ls"]);
     assert!(snaps.contains("Committed"), "{snaps}");
-    let statuses = blob_get_statuses(&reg, &digest);
+    let statuses: Vec<u16> = reg.blob_gets(&digest).iter().map(|(s, _)| *s).collect();
     assert!(!statuses.is_empty(), "no blob reads logged:\n{}", reg.log());
     assert!(
         statuses.iter().all(|&s| s == 206),

@@ -150,8 +150,12 @@ fn lazily_mounted_image_equals_plain_extraction() {
         // the registry served only ranges of the layer blobs, never a whole GET
         // is not provable from the access log sizes alone, so check the bytes
         for (i, s) in stats.as_array().unwrap().iter().enumerate() {
-            assert!(s["fetched_bytes"].as_u64().unwrap() <= layers[i].blob.len() as u64);
-            assert!(reg.blob_gets(&digests[i]) >= 1);
+            assert!(s["fetched_bytes"].as_u64().unwrap() > 0);
+            let gets = reg.blob_gets(&digests[i]);
+            assert!(
+                !gets.is_empty() && gets.iter().all(|(s, _)| *s == 206),
+                "{gets:?}"
+            );
         }
     }
 }

@@ -76,15 +76,9 @@ fn convert(tar: &Path, out: &Path) -> Layer {
 
 /// Bytes the registry's access log says it sent for GETs of blob `digest`.
 fn registry_bytes_sent(log: &str, digest: &str) -> u64 {
-    log.lines()
-        .filter(|l| l.contains(&format!("/blobs/{digest} ")) && l.contains("\"GET "))
-        .map(|l| {
-            // combined log format: ... "GET /v2/... HTTP/1.1" 206 12345 "referer" "agent"
-            let after = l.split("HTTP/1.1\" ").nth(1).unwrap_or("");
-            let mut f = after.split(' ');
-            let _status = f.next();
-            f.next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
-        })
+    common::registry::blob_gets_in(log, digest)
+        .iter()
+        .map(|(_, n)| n)
         .sum()
 }
 

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
@@ -158,11 +157,7 @@ fn fetch_owned(
         }
     }
     let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
-    let fetched = layer.blob.read_ranges(&ranges);
-    layer
-        .counters
-        .fetch_requests
-        .fetch_add(1, Ordering::Relaxed);
+    let fetched = layer.read_ranges(&ranges);
     let fetched = match fetched {
         Ok(f) if f.len() == ranges.len() => f,
         Ok(_) => {
@@ -180,10 +175,6 @@ fn fetch_owned(
     };
     let mut first_err = None;
     for ((range, members), bytes) in runs.iter().zip(fetched) {
-        layer
-            .counters
-            .fetched_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         // chunks are independent: decompress and verify them on all cores
         let decoded: Vec<(usize, Result<Bytes>)> = members
             .par_iter()

@@ -106,6 +106,8 @@ pub struct RemoteLayer {
     bytes_total: u64,
     /// Files whose passthrough backing file this process built.
     backing: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// The whole blob, when opening the layer already read all of it.
+    whole: Option<Bytes>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -138,6 +140,10 @@ impl RemoteLayer {
         let format = layer.format();
         let (src, _, toc, index) = layer.into_parts();
         let (toc_bytes, toc_requests) = src.spent();
+        // a small layer read whole by the opening request is served from memory
+        let whole = src
+            .whole()
+            .filter(|w| w.len() as u64 <= cfg.small_layer_bytes);
         let n = index.all_chunks().len();
         let bytes_total = index.all_chunks().iter().map(|c| c.size).sum();
         let l = Arc::new(RemoteLayer {
@@ -153,6 +159,7 @@ impl RemoteLayer {
             demand: AtomicUsize::new(0),
             bytes_total,
             backing: Default::default(),
+            whole,
         });
         // the footer and TOC count as fetched, as the registry sees them
         l.counters
@@ -390,6 +397,31 @@ impl RemoteLayer {
         {
             tracing::debug!(layer = self.name(), error = %e, "read-ahead failed");
         }
+    }
+
+    /// Reads compressed ranges: from the blob held in memory when the opening read
+    /// covered it, else from the registry (counted).
+    pub(crate) fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        if let Some(w) = &self.whole {
+            return ranges
+                .iter()
+                .map(|r| {
+                    w.get(r.start as usize..r.end as usize)
+                        .map(|_| w.slice(r.start as usize..r.end as usize))
+                        .ok_or_else(|| Error::Fetch {
+                            blob: self.name().to_string(),
+                            reason: format!("range {}..{} past the end", r.start, r.end),
+                        })
+                })
+                .collect();
+        }
+        self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        let got = self.blob.read_ranges(ranges)?;
+        let n: usize = got.iter().map(Bytes::len).sum();
+        self.counters
+            .fetched_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(got)
     }
 
     /// Gets chunks by global index: cache, or one fetch per run of adjacent

@@ -589,3 +589,54 @@ pub fn go_quote(b: &[u8]) -> String {
     s.push('"');
     s
 }
+
+/// A busybox root filesystem (as a tar) whose `/etc/motd` says `motd`, with a
+/// 24 MiB file the container never reads: the bytes a lazy pull must not fetch.
+pub fn busybox_tar(motd: &str, seed: u64) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1_600_000_000);
+        match link {
+            Some(l) => b.append_link(&mut h, path, l).unwrap(),
+            None => b.append_data(&mut h, path, data).unwrap(),
+        }
+    };
+    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "data/"] {
+        add(d, 0o755, b"", tar::EntryType::Directory, None);
+    }
+    add(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").unwrap(),
+        tar::EntryType::Regular,
+        None,
+    );
+    for a in ["sh", "cat", "echo", "ls"] {
+        add(
+            &format!("bin/{a}"),
+            0o777,
+            b"",
+            tar::EntryType::Symlink,
+            Some("busybox"),
+        );
+    }
+    add(
+        "etc/motd",
+        0o644,
+        format!("{motd}\n").as_bytes(),
+        tar::EntryType::Regular,
+        None,
+    );
+    add(
+        "data/unread.bin",
+        0o644,
+        &prng_bytes(seed, 24 << 20),
+        tar::EntryType::Regular,
+        None,
+    );
+    b.into_inner().unwrap()
+}

@@ -179,15 +179,23 @@ impl Registry {
         format!("{}/{repo}:{tag}", self.host())
     }
 
-    /// Access-log lines of GETs of blob `digest`, with whether each had a Range header
-    /// (the registry logs request headers only at debug level, so this counts
-    /// response sizes instead: a ranged read returns less than the blob).
-    pub fn blob_gets(&self, digest: &str) -> usize {
-        self.log()
-            .lines()
-            .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
-            .count()
+    /// Status code and response bytes of the registry's GETs of blob `digest`, from
+    /// its access log (a lazy read is a 206; a whole-blob download a 200).
+    pub fn blob_gets(&self, digest: &str) -> Vec<(u16, u64)> {
+        blob_gets_in(&self.log(), digest)
     }
+}
+
+/// Status code and response bytes of GETs of `digest` in an access-log excerpt
+/// (combined format: `... "GET /v2/... HTTP/1.1" 206 12345 ...`).
+pub fn blob_gets_in(log: &str, digest: &str) -> Vec<(u16, u64)> {
+    log.lines()
+        .filter(|l| l.contains(&format!("/blobs/{digest}")) && l.contains("\"GET "))
+        .filter_map(|l| {
+            let mut f = l.split("HTTP/1.1\" ").nth(1)?.split(' ');
+            Some((f.next()?.parse().ok()?, f.next()?.parse().unwrap_or(0)))
+        })
+        .collect()
 }
 
 /// One layer of a pushed image.
