@@ -29,6 +29,15 @@ fn main() -> ExitCode {
         .init();
     match cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // a reader that went away (`lazysnap layer toc … | head`) is no error to report
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::from(141)
+        }
         Err(e) => {
             eprintln!("lazysnap: {e:#}");
             ExitCode::FAILURE

@@ -348,7 +348,7 @@ fn cat(a: &SrcArgs, path: &str) -> Result<()> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     layer
         .copy_file(id, path, &mut out)
-        .with_context(|| format!("{}: {path}", src.name))?;
+        .with_context(|| src.name.clone())?;
     out.flush()?;
     Ok(())
 }

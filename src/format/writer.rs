@@ -612,7 +612,8 @@ pub fn write_layer(
                 .collect(),
             ..TocEntry::default()
         };
-        if m.mtime.secs == 0 && m.mtime.nanos == 0 && !gzip {
+        // a zero mtime is left out, as stargz's writer does, in every format
+        if m.mtime.secs == 0 && m.mtime.nanos == 0 {
             e.modtime.clear();
         }
         if opts.format == Format::ZstdChunked {
@@ -736,9 +737,11 @@ pub fn write_layer(
             toc.tar_split_digest = Digest::of(&zs).to_string();
             let json =
                 serde_json::to_vec(&toc).map_err(|e| Error::Toc(format!("encoding: {e}")))?;
-            toc_digest = Digest::of(&json);
             let ztoc = zstd::bulk::compress(&json, level)
                 .map_err(|e| Error::InvalidArgument(format!("zstd: {e}")))?;
+            // for zstd:chunked the TOC digest is the manifest checksum: the sha256 of
+            // the compressed TOC, what containers/storage verifies
+            toc_digest = Digest::of(&ztoc);
             let toc_off = out.n + 8;
             out.put(&footer::skippable_frame(&ztoc))?;
             let ts = TarSplitLocation {

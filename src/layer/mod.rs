@@ -312,9 +312,9 @@ impl RemoteLayer {
     }
 
     /// A local file with the whole content of file `id`, for FUSE passthrough, when
-    /// it has been assembled from verified cached chunks by this process. Building it
-    /// is left to [`RemoteLayer::build_backing_file`] on a worker, never done here, so
-    /// an `open` never waits; files left by an earlier process are not trusted.
+    /// it has been assembled from verified cached chunks by this process
+    /// ([`RemoteLayer::build_backing_file`]); files left by an earlier process are
+    /// not trusted.
     pub fn backing_file(&self, id: NodeId) -> Option<std::fs::File> {
         if !lock(&self.backing).contains(&id) {
             return None;

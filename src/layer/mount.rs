@@ -122,7 +122,20 @@ impl Content for LayerContent {
 
     fn backing_file(&self, file: FileId) -> Option<std::fs::File> {
         let id = NodeId::try_from(file).ok()?;
-        self.layer.backing_file(id)
+        if let Some(f) = self.layer.backing_file(id) {
+            return Some(f);
+        }
+        // The kernel fixes an inode's I/O mode at its first open, so the file is
+        // assembled now (streamed from the verified cache) for this open to be a
+        // passthrough one; only this FUSE thread waits.
+        if self.layer.wants_backing_file(id) {
+            if let Err(e) = self.layer.build_backing_file(id) {
+                tracing::warn!(layer = self.layer.name(), error = %e, "passthrough file not built");
+                return None;
+            }
+            return self.layer.backing_file(id);
+        }
+        None
     }
 }
 
