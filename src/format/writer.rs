@@ -125,9 +125,13 @@ impl Plan {
         if len == 0 {
             return;
         }
-        let f = self.frames.last_mut().expect("plan starts with a frame");
-        f.len += len;
-        f.pieces.push(p);
+        if self.frames.is_empty() {
+            self.frames.push(Frame::default());
+        }
+        if let Some(f) = self.frames.last_mut() {
+            f.len += len;
+            f.pieces.push(p);
+        }
     }
 
     fn new_frame(&mut self) -> usize {
