@@ -8,7 +8,8 @@
 mod disk;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -75,7 +76,52 @@ struct Mem {
 pub struct ChunkCache {
     mem: Mutex<Mem>,
     mem_limit: u64,
-    disk: Option<DiskCache>,
+    disk: Option<Arc<DiskCache>>,
+    /// Chunks waiting to be written to disk by the writer thread, so that a read that
+    /// fetched a chunk does not also wait for the disk.
+    writer: Option<Writer>,
+}
+
+struct Writer {
+    tx: Option<SyncSender<(CacheKey, Bytes)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Chunks queued for the disk at most; past it a write happens on the caller's thread.
+const WRITE_QUEUE: usize = 64;
+
+fn write_chunk(disk: &DiskCache, key: &CacheKey, data: &[u8]) {
+    if let Err(e) = disk.insert(key, data) {
+        tracing::warn!(chunk = %key.digest(), error = %e, "disk cache write failed");
+    }
+}
+
+fn start_writer(disk: Arc<DiskCache>) -> Option<Writer> {
+    let (tx, rx) = sync_channel::<(CacheKey, Bytes)>(WRITE_QUEUE);
+    let thread = std::thread::Builder::new()
+        .name("lazysnap-cache".into())
+        .spawn(move || {
+            for (key, data) in rx {
+                write_chunk(&disk, &key, &data);
+            }
+        })
+        .ok()?;
+    Some(Writer {
+        tx: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+impl Drop for ChunkCache {
+    /// Writes every queued chunk before the cache goes away.
+    fn drop(&mut self) {
+        if let Some(w) = &mut self.writer {
+            w.tx.take();
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
 }
 
 /// Cache counters for status and metrics.
@@ -96,9 +142,10 @@ impl ChunkCache {
     /// Opens the cache, scanning the disk directory if there is one.
     pub fn new(cfg: &CacheConfig) -> Result<Self> {
         let disk = match &cfg.dir {
-            Some(d) => Some(DiskCache::open(d, cfg.disk_limit)?),
+            Some(d) => Some(Arc::new(DiskCache::open(d, cfg.disk_limit)?)),
             None => None,
         };
+        let writer = disk.clone().and_then(start_writer);
         Ok(ChunkCache {
             mem: Mutex::new(Mem {
                 lru: LruCache::unbounded(),
@@ -106,6 +153,7 @@ impl ChunkCache {
             }),
             mem_limit: cfg.memory_limit,
             disk,
+            writer,
         })
     }
 
@@ -118,6 +166,7 @@ impl ChunkCache {
             }),
             mem_limit: limit,
             disk: None,
+            writer: None,
         }
     }
 
@@ -144,12 +193,19 @@ impl ChunkCache {
         self.mem().lru.contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
     }
 
-    /// Stores a chunk the caller has verified.
+    /// Stores a chunk the caller has verified: in memory at once, on disk from the
+    /// writer thread (or right here when its queue is full).
     pub fn insert(&self, key: CacheKey, data: Bytes) {
-        if let Some(d) = &self.disk
-            && let Err(e) = d.insert(&key, &data)
-        {
-            tracing::warn!(chunk = %key.digest(), error = %e, "disk cache write failed");
+        if let Some(d) = &self.disk {
+            let queued = self.writer.as_ref().and_then(|w| w.tx.as_ref()).map(|tx| {
+                match tx.try_send((key, data.clone())) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+                }
+            });
+            if queued != Some(true) {
+                write_chunk(d, &key, &data);
+            }
         }
         self.put_mem(key, data);
     }
@@ -173,7 +229,7 @@ impl ChunkCache {
 
     /// Directory of the disk cache, if any.
     pub fn disk(&self) -> Option<&DiskCache> {
-        self.disk.as_ref()
+        self.disk.as_deref()
     }
 
     /// Counters.
