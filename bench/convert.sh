@@ -103,27 +103,5 @@ EOF
 # Replace our section (up to the next "## " heading) or append it.
 printf '%s\n' "$section" >"$WORK/section.md"
 touch "$OUTMD"
-python3 - "$OUTMD" "$SECTION" "$WORK/section.md" <<'PYEOF'
-import sys
-path, head, new = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
-lines = open(path).read().splitlines(keepends=True)
-out, i, done = [], 0, False
-while i < len(lines):
-    if lines[i].rstrip("\n") == head:
-        out.append(new + "\n")
-        done = True
-        i += 1
-        while i < len(lines) and not lines[i].startswith("## "):
-            i += 1
-        continue
-    out.append(lines[i])
-    i += 1
-if not done:
-    if not out:
-        out.append("# Benchmarks\n\n")
-    elif not "".join(out).endswith("\n\n"):
-        out.append("\n")
-    out.append(new)
-open(path, "w").write("".join(out))
-PYEOF
+python3 "$ROOT/bench/replace-section.py" "$OUTMD" "$SECTION" "$WORK/section.md"
 echo "wrote '$SECTION' in $OUTMD" >&2

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lazysnap::cache::{CacheConfig, ChunkCache};
-use lazysnap::format::writer::{WriteOptions, write_layer};
+use lazysnap::format::writer::WriteOptions;
 use lazysnap::format::{Format, Kind, OpenOptions};
 use lazysnap::layer::{LayerConfig, RemoteBlob, RemoteLayer};
 
@@ -44,27 +44,31 @@ impl RemoteBlob for TestBlob {
     }
 }
 
-fn setup(
-    format: Format,
-    prioritized: Vec<String>,
-    delay_ms: u64,
-    cfg: LayerConfig,
-) -> (Vec<u8>, Arc<TestBlob>, Arc<RemoteLayer>) {
+/// The corpus converted to `format` (4 KiB chunks): the tar, the blob, its TOC digest.
+fn corpus_blob(format: Format, prioritized: Vec<String>) -> (Vec<u8>, Vec<u8>, String) {
     let tar = common::corpus_tar(4096);
-    let mut blob = Vec::new();
-    let res = write_layer(
+    let (blob, res) = common::convert(
         &tar,
-        &mut blob,
         &WriteOptions {
             format,
             chunk_size: 4096,
             prioritized,
             ..WriteOptions::default()
         },
-    )
-    .unwrap();
+    );
+    (tar, blob, res.toc_digest)
+}
+
+/// Opens `blob` as a remote layer over a counting test blob and `cache`.
+fn open_over(
+    blob: &[u8],
+    toc_digest: &str,
+    delay_ms: u64,
+    cache: Arc<ChunkCache>,
+    cfg: LayerConfig,
+) -> (Arc<TestBlob>, Arc<RemoteLayer>) {
     let b = Arc::new(TestBlob {
-        data: Mutex::new(blob),
+        data: Mutex::new(blob.to_vec()),
         requests: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         delay_ms,
@@ -72,13 +76,25 @@ fn setup(
     let layer = RemoteLayer::open(
         b.clone(),
         &OpenOptions {
-            toc_digest: Some(res.toc_digest.parse().unwrap()),
+            toc_digest: Some(toc_digest.parse().unwrap()),
             ..OpenOptions::default()
         },
-        Arc::new(ChunkCache::in_memory(64 << 20)),
+        cache,
         cfg,
     )
     .unwrap();
+    (b, layer)
+}
+
+fn setup(
+    format: Format,
+    prioritized: Vec<String>,
+    delay_ms: u64,
+    cfg: LayerConfig,
+) -> (Vec<u8>, Arc<TestBlob>, Arc<RemoteLayer>) {
+    let (tar, blob, toc) = corpus_blob(format, prioritized);
+    let cache = Arc::new(ChunkCache::in_memory(64 << 20));
+    let (b, layer) = open_over(&blob, &toc, delay_ms, cache, cfg);
     (tar, b, layer)
 }
 
@@ -213,36 +229,8 @@ fn disk_cache_is_shared_and_survives_a_new_layer_object() {
         dir: Some(dir.path().to_path_buf()),
         ..CacheConfig::default()
     };
-    let tar = common::corpus_tar(4096);
-    let mut data = Vec::new();
-    let res = write_layer(
-        &tar,
-        &mut data,
-        &WriteOptions {
-            chunk_size: 4096,
-            ..WriteOptions::default()
-        },
-    )
-    .unwrap();
-    let open = |cache: Arc<ChunkCache>| {
-        let b = Arc::new(TestBlob {
-            data: Mutex::new(data.clone()),
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            delay_ms: 0,
-        });
-        let l = RemoteLayer::open(
-            b.clone(),
-            &OpenOptions {
-                toc_digest: Some(res.toc_digest.parse().unwrap()),
-                ..OpenOptions::default()
-            },
-            cache,
-            no_small(),
-        )
-        .unwrap();
-        (b, l)
-    };
+    let (_, data, toc) = corpus_blob(Format::Estargz, vec![]);
+    let open = |cache: Arc<ChunkCache>| open_over(&data, &toc, 0, cache, no_small());
     let (_, l1) = open(Arc::new(ChunkCache::new(&cfg).unwrap()));
     l1.fetch_all(&AtomicBool::new(false), false).unwrap();
     drop(l1);
@@ -267,34 +255,16 @@ fn passthrough_files_are_built_from_verified_chunks_by_this_process_only() {
         dir: Some(dir.path().to_path_buf()),
         ..CacheConfig::default()
     };
-    let tar = common::corpus_tar(4096);
-    let mut data = Vec::new();
-    let res = write_layer(
-        &tar,
-        &mut data,
-        &WriteOptions {
-            chunk_size: 4096,
-            ..WriteOptions::default()
-        },
-    )
-    .unwrap();
+    let (tar, data, toc) = corpus_blob(Format::Estargz, vec![]);
     let open = || {
-        let b = Arc::new(TestBlob {
-            data: Mutex::new(data.clone()),
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            delay_ms: 0,
-        });
-        RemoteLayer::open(
-            b,
-            &OpenOptions {
-                toc_digest: Some(res.toc_digest.parse().unwrap()),
-                ..OpenOptions::default()
-            },
+        open_over(
+            &data,
+            &toc,
+            0,
             Arc::new(ChunkCache::new(&cfg).unwrap()),
             no_small(),
         )
-        .unwrap()
+        .1
     };
     let l = open();
     let (path, id) = l
