@@ -41,6 +41,10 @@ pub struct LayerConfig {
     pub max_fetch_span: u64,
     /// Bytes per background-fetch request.
     pub background_span: u64,
+    /// Background fetch waits until no read has needed the network for this many
+    /// milliseconds (and the mount is at least that old), and pauses again while
+    /// reads do: a starting workload gets the whole link (stargz's silence period).
+    pub background_delay_ms: u64,
     /// After an on-demand read, fetch this many following bytes of the same file
     /// in the background, so sequential readers overlap download and decompression.
     pub readahead_bytes: u64,
@@ -55,7 +59,8 @@ impl Default for LayerConfig {
             background_fetch: true,
             small_layer_bytes: 2 << 20,
             max_fetch_span: 8 << 20,
-            background_span: 8 << 20,
+            background_span: 4 << 20,
+            background_delay_ms: 2000,
             readahead_bytes: 16 << 20,
             allow_unverified: false,
         }
@@ -103,6 +108,9 @@ pub struct RemoteLayer {
     inflight: Inflights,
     counters: Counters,
     demand: AtomicUsize,
+    /// When a read last needed the network, in ms since `opened`.
+    last_demand: AtomicU64,
+    opened: std::time::Instant,
     bytes_total: u64,
     /// Files whose passthrough backing file this process built.
     backing: std::sync::Mutex<std::collections::HashSet<NodeId>>,
@@ -157,6 +165,8 @@ impl RemoteLayer {
             inflight: Inflights::default(),
             counters: Counters::default(),
             demand: AtomicUsize::new(0),
+            last_demand: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             bytes_total,
             backing: Default::default(),
             whole,
@@ -271,6 +281,8 @@ impl RemoteLayer {
         self.demand.fetch_add(1, Ordering::SeqCst);
         let r = self.chunks(&idxs, self.cfg.max_fetch_span);
         self.demand.fetch_sub(1, Ordering::SeqCst);
+        self.last_demand
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
         match r {
             Ok(data) => Ok(self.assemble(&idxs, &data, offset, end)),
             Err(e) => {
@@ -466,7 +478,7 @@ impl RemoteLayer {
             if batch.is_empty() {
                 return Ok(());
             }
-            while pause_on_demand && self.demand.load(Ordering::SeqCst) > 0 {
+            while pause_on_demand && (self.demand.load(Ordering::SeqCst) > 0 || !self.quiet()) {
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
@@ -493,6 +505,12 @@ impl RemoteLayer {
             batch.push(i);
         }
         flush(&mut batch)
+    }
+
+    /// Whether no read has needed the network for the background delay.
+    fn quiet(&self) -> bool {
+        let now = self.opened.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_demand.load(Ordering::Relaxed)) >= self.cfg.background_delay_ms
     }
 
     /// Compressed ranges of the chunks not yet cached (unlazy and `status` use it).
