@@ -1,0 +1,626 @@
+//! The layer applier: every layer format extracts to the same overlay-form tree as
+//! the FUSE view of the layer shows; hostile layers fail with errors naming the
+//! path and touch nothing outside the destination.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::lazy::{Seen, snapshot_exact};
+use lazysnap::cache::ChunkCache;
+use lazysnap::format::writer::WriteOptions;
+use lazysnap::format::{Format, OpenOptions};
+use lazysnap::layer::mount::mount_layer;
+use lazysnap::layer::workers::Workers;
+use lazysnap::layer::{FileBlob, LayerConfig, RemoteLayer};
+use lazysnap::snapshot::apply::{ApplyStats, apply_stream};
+use lazysnap_fuse::MountOptions;
+
+type Tree = (BTreeMap<String, Seen>, Vec<Vec<String>>);
+
+/// Names a lazy-format writer adds to the tar stream itself.
+const ADDED: [&str; 3] = [
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+    "stargz.index.json",
+];
+
+fn gzip(tar: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(tar).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(tar: &[u8]) -> Vec<u8> {
+    zstd::encode_all(tar, 3).unwrap()
+}
+
+const LAZY: [Format; 3] = [Format::Estargz, Format::EstargzZstd, Format::ZstdChunked];
+
+/// A converted layer: its blob and TOC digest.
+struct Lazy {
+    format: Format,
+    blob: Vec<u8>,
+    toc_digest: String,
+}
+
+fn lazy(tar: &[u8], format: Format) -> Lazy {
+    let (blob, res) = common::convert(
+        tar,
+        &WriteOptions {
+            format,
+            chunk_size: 4096,
+            ..WriteOptions::default()
+        },
+    );
+    Lazy {
+        format,
+        blob,
+        toc_digest: res.toc_digest,
+    }
+}
+
+/// Every stream form of `tar`: plain, gzip, zstd and the three lazy formats.
+fn streams(tar: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut v = vec![
+        ("tar".to_string(), tar.to_vec()),
+        ("tar.gz".to_string(), gzip(tar)),
+        ("tar.zst".to_string(), zstd(tar)),
+    ];
+    for f in LAZY {
+        let l = lazy(tar, f);
+        v.push((format!("{f:?}"), l.blob));
+    }
+    v
+}
+
+fn tree(dir: &Path) -> Tree {
+    let (mut map, mut links) = snapshot_exact(dir);
+    map.retain(|k, _| !ADDED.contains(&k.as_str()));
+    links.retain(|g| !g.iter().any(|p| ADDED.contains(&p.as_str())));
+    (map, links)
+}
+
+/// The tree with sub-second times dropped.
+fn seconds(mut t: Tree) -> Tree {
+    for v in t.0.values_mut() {
+        v.drop_nanos();
+    }
+    t
+}
+
+fn apply_file(blob: &[u8], dest: &Path) -> lazysnap::Result<ApplyStats> {
+    std::fs::create_dir_all(dest).unwrap();
+    apply_stream(blob, dest)
+}
+
+/// Opens `l` as a remote layer over its blob written to `work`.
+fn remote(l: &Lazy, work: &Path) -> Arc<RemoteLayer> {
+    let path = work.join(format!("{:?}.blob", l.format));
+    std::fs::write(&path, &l.blob).unwrap();
+    RemoteLayer::open(
+        FileBlob::open(&path).unwrap(),
+        &OpenOptions {
+            toc_digest: Some(l.toc_digest.parse().unwrap()),
+            ..OpenOptions::default()
+        },
+        Arc::new(ChunkCache::in_memory(64 << 20)),
+        LayerConfig::default(),
+    )
+    .unwrap()
+}
+
+/// The tree the FUSE view of `l` shows.
+fn fuse_tree(l: &Lazy, work: &Path) -> Tree {
+    let layer = remote(l, work);
+    let dir = work.join(format!("{:?}.fuse", l.format));
+    std::fs::create_dir_all(&dir).unwrap();
+    let m = mount_layer(
+        layer,
+        &dir,
+        &MountOptions::default(),
+        Workers::new(2, "apply-test"),
+    )
+    .unwrap();
+    let t = tree(&dir);
+    drop(m);
+    t
+}
+
+fn assert_same(name: &str, got: &Tree, want: &Tree) {
+    for (k, v) in &want.0 {
+        assert_eq!(got.0.get(k), Some(v), "{name}: {k:?}");
+    }
+    for k in got.0.keys() {
+        assert!(want.0.contains_key(k), "{name}: unexpected {k:?}");
+    }
+    assert_eq!(got.1, want.1, "{name}: hard-link groups");
+}
+
+/// Duplicates, replacements, whiteouts next to real names, implicit parents,
+/// holes, nanosecond times and hard-link chains.
+fn quirks_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut n = 0u64;
+    let mut add =
+        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid + 1);
+            h.set_size(data.len() as u64);
+            n += 1;
+            h.set_mtime(1_600_000_000 + n * 11);
+            if kind == tar::EntryType::Char {
+                h.set_device_major(1).unwrap();
+                h.set_device_minor(3).unwrap();
+            }
+            match link {
+                Some(l) => b.append_link(&mut h, path, l).unwrap(),
+                None => b.append_data(&mut h, path, data).unwrap(),
+            }
+        };
+    use tar::EntryType::{Char, Directory as Dir, Link, Regular as Reg, Symlink};
+    add("./", Dir, 0o750, 5, b"", None);
+    add("dup/", Dir, 0o755, 0, b"", None);
+    add("dup/file", Reg, 0o600, 0, b"one", None);
+    add("dup/file", Reg, 0o644, 7, b"two, longer", None);
+    add("dup/d2f/", Dir, 0o755, 0, b"", None);
+    add("dup/d2f/child", Reg, 0o644, 0, b"child", None);
+    add("dup/d2f", Reg, 0o640, 3, b"now a file", None);
+    add("dup/f2d", Reg, 0o644, 0, b"a file first", None);
+    add("dup/f2d/", Dir, 0o711, 4, b"", None);
+    add("dup/f2d/inner", Reg, 0o644, 0, b"inner", None);
+    add("dup/dir/", Dir, 0o700, 1, b"", None);
+    add("dup/dir/kept", Reg, 0o644, 0, b"kept", None);
+    add("dup/dir/", Dir, 0o755, 2, b"", None);
+    add("dup/sym", Symlink, 0o777, 0, b"", Some("kept-target"));
+    add("dup/sym", Reg, 0o644, 0, b"real file over a symlink", None);
+    add("dup/dev", Char, 0o666, 0, b"", None);
+    add("dup/dev", Reg, 0o644, 0, b"not a device", None);
+    add("wh/", Dir, 0o755, 0, b"", None);
+    add("wh/x", Reg, 0o644, 0, b"x wins", None);
+    add("wh/.wh.x", Reg, 0o644, 0, b"", None);
+    add("wh/.wh.y", Reg, 0o600, 0, b"", None);
+    add("wh/y/", Dir, 0o755, 0, b"", None);
+    add("wh/.wh.z", Reg, 0o640, 0, b"", None);
+    add("wh/.wh.gone/child", Reg, 0o644, 0, b"hidden", None);
+    add("wh/.wh..wh.plnk", Reg, 0o644, 0, b"", None);
+    add("implicit/a/b/c.txt", Reg, 0o644, 0, b"no parents", None);
+    let mut sparse = vec![0u8; 1 << 20];
+    sparse[..4096].copy_from_slice(&common::prng_bytes(3, 4096));
+    sparse[600 << 10..(600 << 10) + 100].copy_from_slice(&common::prng_bytes(4, 100));
+    add("sparse.bin", Reg, 0o644, 0, &sparse, None);
+    add("hl/", Dir, 0o755, 0, b"", None);
+    add("hl/a", Reg, 0o4755, 0, b"chain", None);
+    add("hl/b", Link, 0o4755, 0, b"", Some("hl/a"));
+    add("hl/c", Link, 0o4755, 0, b"", Some("hl/b"));
+    add("hl/t", Reg, 0o644, 0, b"old", None);
+    add("hl/u", Link, 0o644, 0, b"", Some("hl/t"));
+    add("hl/t", Reg, 0o644, 0, b"new", None);
+    let mut t = b.into_inner().unwrap();
+    // one entry with a nanosecond PAX mtime, before the end-of-archive blocks
+    t.truncate(t.len() - 1024);
+    let mut b = tar::Builder::new(t);
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(Reg);
+    h.set_mode(0o644);
+    h.set_size(5);
+    h.set_mtime(1_600_000_000);
+    b.append_pax_extensions([("mtime", &b"1600000000.123456789"[..])])
+        .unwrap();
+    b.append_data(&mut h, "nanos", &b"nanos"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn every_format_gives_the_fuse_view() {
+    let work = tempfile::tempdir().unwrap();
+    for (name, tar) in [
+        ("corpus", common::corpus_tar(4096)),
+        ("no-parent-dirs", common::corpus_without_parent_dirs()),
+        ("quirks", quirks_tar()),
+    ] {
+        // TOCs keep whole seconds only
+        let fuse = seconds(fuse_tree(&lazy(&tar, Format::Estargz), work.path()));
+        let mut first: Option<Tree> = None;
+        for (form, blob) in streams(&tar) {
+            let dest = work.path().join(format!("{name}-{form}"));
+            let stats = apply_file(&blob, &dest).unwrap_or_else(|e| panic!("{name} {form}: {e}"));
+            assert!(stats.files > 0 && stats.entries > stats.files, "{stats:?}");
+            let got = tree(&dest);
+            assert_same(&format!("{name} as {form}"), &seconds(got.clone()), &fuse);
+            match &first {
+                None => first = Some(got),
+                Some(want) => assert_same(&format!("{name} as {form}, exactly"), &got, want),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_tree_has_overlay_form_and_keeps_everything() {
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path().join("corpus");
+    let stats = apply_file(&gzip(&common::corpus_tar(4096)), &d).unwrap();
+    assert_eq!(stats.whiteouts, 2, "{stats:?}");
+    let m = std::fs::symlink_metadata(d.join("whiteout/gone")).unwrap();
+    assert!(m.file_type().is_char_device() && m.rdev() == 0 && m.uid() == 0);
+    assert!(!d.join("whiteout/.wh.gone").exists());
+    let x = common::lazy::xattrs(&d.join("whiteout/opaque"));
+    assert_eq!(
+        x.get("trusted.overlay.opaque").map(Vec::as_slice),
+        Some(&b"y"[..])
+    );
+    assert!(!d.join("whiteout/opaque/.wh..wh..opq").exists());
+    let ping = common::lazy::xattrs(&d.join("xattr/ping"));
+    assert_eq!(ping["security.capability"].len(), 20, "{ping:?}");
+    assert_eq!(ping["user.foo"], b"bar");
+    let m = std::fs::metadata(d.join("data/setuid")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o4755);
+    let m = std::fs::metadata(d.join("data/sticky")).unwrap();
+    assert_eq!(m.mode() & 0o7777, 0o1777);
+    let multi = std::fs::metadata(d.join("data/multi")).unwrap();
+    let link = std::fs::metadata(d.join("data/hardlink-to-multi")).unwrap();
+    assert_eq!((multi.ino(), multi.nlink()), (link.ino(), 2));
+    let dev = std::fs::symlink_metadata(d.join("dev/bigdev")).unwrap();
+    assert!(dev.file_type().is_block_device());
+    assert_eq!(dev.rdev(), libc::makedev(259, 65537));
+
+    let q = work.path().join("quirks");
+    apply_file(&quirks_tar(), &q).unwrap();
+    let read = |p: &str| std::fs::read(q.join(p)).unwrap();
+    assert_eq!(read("dup/file"), b"two, longer");
+    assert_eq!(read("dup/d2f"), b"now a file");
+    assert_eq!(read("dup/f2d/inner"), b"inner");
+    assert_eq!(read("dup/dir/kept"), b"kept");
+    assert_eq!(read("dup/sym"), b"real file over a symlink");
+    assert!(
+        std::fs::symlink_metadata(q.join("dup/dev"))
+            .unwrap()
+            .is_file()
+    );
+    assert_eq!(read("wh/x"), b"x wins");
+    assert!(std::fs::symlink_metadata(q.join("wh/y")).unwrap().is_dir());
+    assert!(
+        std::fs::symlink_metadata(q.join("wh/z"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    // a name below `.wh.gone/` stands for the whiteout of `gone`, as in the FUSE view
+    assert!(
+        std::fs::symlink_metadata(q.join("wh/gone"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert!(!q.join("wh/.wh.gone").exists() && !q.join("wh/.wh..wh.plnk").exists());
+    assert_eq!(read("hl/u"), b"old");
+    assert_eq!(read("hl/t"), b"new");
+    let (a, c) = (
+        std::fs::metadata(q.join("hl/a")).unwrap(),
+        std::fs::metadata(q.join("hl/c")).unwrap(),
+    );
+    assert_eq!(
+        (a.ino(), a.nlink(), a.mode() & 0o7777),
+        (c.ino(), 3, 0o4755)
+    );
+    let dir = std::fs::metadata(q.join("dup/dir")).unwrap();
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (2, 0o755));
+    let implicit = std::fs::metadata(q.join("implicit/a")).unwrap();
+    assert_eq!(
+        (implicit.uid(), implicit.mode() & 0o7777, implicit.mtime()),
+        (0, 0o755, 0)
+    );
+    let root = std::fs::metadata(&q).unwrap();
+    assert_eq!((root.uid(), root.mode() & 0o7777), (5, 0o750));
+    let sparse = std::fs::metadata(q.join("sparse.bin")).unwrap();
+    assert_eq!(sparse.len(), 1 << 20);
+    assert!(
+        sparse.blocks() * 512 <= 64 << 10,
+        "not sparse: {} blocks",
+        sparse.blocks()
+    );
+    let nanos = std::fs::metadata(q.join("nanos")).unwrap();
+    assert_eq!(
+        (nanos.mtime(), nanos.mtime_nsec()),
+        (1_600_000_000, 123_456_789)
+    );
+}
+
+// ---- hostile layers ----
+
+/// A tar entry written byte by byte, so names `tar::Builder` refuses can be made.
+fn raw(name: &str, kind: tar::EntryType, link: &str, data: &[u8], size: Option<u64>) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_mtime(1_600_000_000);
+    h.set_size(size.unwrap_or(data.len() as u64));
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut t: Vec<u8> = entries.concat();
+    t.extend_from_slice(&[0u8; 1024]);
+    t
+}
+
+/// A directory holding a decoy file and the destination; everything in it but the
+/// destination must be left as it was.
+struct Sentinel {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    dest: PathBuf,
+    decoy: PathBuf,
+}
+
+impl Sentinel {
+    fn new() -> Sentinel {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("sentinel");
+        let dest = root.join("dest");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let decoy = root.join("etc/passwd");
+        std::fs::write(&decoy, b"decoy\n").unwrap();
+        std::fs::write(root.join("x"), b"outside\n").unwrap();
+        Sentinel {
+            _tmp: tmp,
+            root,
+            dest,
+            decoy,
+        }
+    }
+
+    fn outside(&self) -> Tree {
+        let (mut map, mut links) = snapshot_exact(&self.root);
+        let inside = |k: &String| k == "dest" || k.starts_with("dest/") || k.is_empty();
+        map.retain(|k, _| !inside(k));
+        links.retain(|g| !g.iter().any(inside));
+        (map, links)
+    }
+
+    /// Applies `blob` and checks nothing outside changed; returns the result.
+    fn apply(&self, blob: &[u8]) -> lazysnap::Result<ApplyStats> {
+        let before = self.outside();
+        let r = apply_stream(blob, &self.dest);
+        assert_same("outside the destination", &self.outside(), &before);
+        assert_eq!(std::fs::read(&self.decoy).unwrap(), b"decoy\n");
+        r
+    }
+}
+
+fn err_of(r: lazysnap::Result<ApplyStats>) -> String {
+    match r {
+        Ok(s) => panic!("applied a hostile layer: {s:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn names_with_dot_dot_are_refused() {
+    use tar::EntryType::{Char, Directory, Regular};
+    for (name, kind) in [
+        ("../x", Regular),
+        ("a/../../x", Regular),
+        ("a/../b", Regular),
+        ("../../../../../../../../tmp/escaped", Regular),
+        ("../etc/", Directory),
+        ("../dev-null", Char),
+    ] {
+        let s = Sentinel::new();
+        let e = err_of(s.apply(&archive(&[raw(name, kind, "", b"pwned\n", None)])));
+        assert!(e.contains(name) && e.contains("escapes"), "{name}: {e}");
+    }
+}
+
+#[test]
+fn absolute_names_land_inside() {
+    let s = Sentinel::new();
+    let abs = format!("{}", s.root.join("x").display());
+    let blob = archive(&[
+        raw(
+            "/etc/passwd",
+            tar::EntryType::Regular,
+            "",
+            b"inside\n",
+            None,
+        ),
+        raw(&abs, tar::EntryType::Regular, "", b"also inside\n", None),
+    ]);
+    s.apply(&blob).unwrap();
+    assert_eq!(
+        std::fs::read(s.dest.join("etc/passwd")).unwrap(),
+        b"inside\n"
+    );
+    let rel = abs.trim_start_matches('/');
+    assert_eq!(std::fs::read(s.dest.join(rel)).unwrap(), b"also inside\n");
+}
+
+#[test]
+fn symlinked_parents_are_refused() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    let s0 = Sentinel::new();
+    let etc = s0.root.join("etc").display().to_string();
+    drop(s0);
+    for (link_target, victim) in [
+        (etc.as_str(), "passwd"),
+        ("../..", "x"),
+        ("../../etc", "passwd"),
+        ("/etc", "passwd"),
+        (".", "innocent"),
+    ] {
+        let s = Sentinel::new();
+        let link_target = link_target.replace(&etc, &s.root.join("etc").display().to_string());
+        let name = format!("link/{victim}");
+        for entry in [
+            raw(&name, Regular, "", b"pwned\n", None),
+            raw(&format!("{name}/"), Directory, "", b"", None),
+            raw("hard", Link, &name, b"", None),
+        ] {
+            let blob = archive(&[raw("link", Symlink, &link_target, b"", None), entry]);
+            let e = err_of(s.apply(&blob));
+            assert!(
+                e.contains(&name) && e.contains("parent link is a symbolic link"),
+                "{link_target}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn hard_links_cannot_point_out() {
+    use tar::EntryType::{Link, Regular, Symlink};
+    let s = Sentinel::new();
+    let decoy = s.decoy.display().to_string();
+    let nlink = std::fs::metadata(&s.decoy).unwrap().nlink();
+    for (target, want) in [
+        ("../x", "escapes"),
+        ("a/../../x", "escapes"),
+        (decoy.as_str(), "does not exist"),
+        ("/etc/passwd", "does not exist"),
+        ("missing", "does not exist"),
+    ] {
+        let e = err_of(s.apply(&archive(&[raw("h", Link, target, b"", None)])));
+        assert!(e.contains("h") && e.contains(want), "{target}: {e}");
+    }
+    // through a symlink, to a file that does exist outside
+    let blob = archive(&[
+        raw(
+            "out",
+            Symlink,
+            &s.root.join("etc").display().to_string(),
+            b"",
+            None,
+        ),
+        raw("h", Link, "out/passwd", b"", None),
+    ]);
+    let e = err_of(s.apply(&blob));
+    assert!(
+        e.contains("out/passwd") && e.contains("symbolic link"),
+        "{e}"
+    );
+    // a hard link to a symlink links the symlink itself, never what it points to
+    let blob = archive(&[
+        raw("sym", Symlink, &decoy, b"", None),
+        raw("h2", Link, "sym", b"", None),
+        raw("dir/", tar::EntryType::Directory, "", b"", None),
+        raw("dir/f", Regular, "", b"ok", None),
+    ]);
+    s.apply(&blob).unwrap();
+    assert!(
+        std::fs::symlink_metadata(s.dest.join("h2"))
+            .unwrap()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::metadata(&s.decoy).unwrap().nlink(), nlink);
+}
+
+#[test]
+fn existing_names_are_replaced_never_written_through() {
+    use tar::EntryType::{Char, Fifo, Link, Regular, Symlink};
+    let s = Sentinel::new();
+    let decoy = s.decoy.display().to_string();
+    let blob = archive(&[
+        raw("via-symlink", Symlink, &decoy, b"", None),
+        raw("via-symlink", Regular, "", b"replaced symlink\n", None),
+        raw("null", Char, "", b"", None),
+        raw("null", Regular, "", b"replaced device\n", None),
+        raw("pipe", Fifo, "", b"", None),
+        raw("pipe", Regular, "", b"replaced fifo\n", None),
+        raw("a", Regular, "", b"shared inode\n", None),
+        raw("b", Link, "a", b"", None),
+        raw("b", Regular, "", b"b only\n", None),
+    ]);
+    s.apply(&blob).unwrap();
+    let read = |p: &str| std::fs::read(s.dest.join(p)).unwrap();
+    assert_eq!(read("via-symlink"), b"replaced symlink\n");
+    assert_eq!(read("null"), b"replaced device\n");
+    assert_eq!(read("pipe"), b"replaced fifo\n");
+    assert_eq!(read("a"), b"shared inode\n");
+    assert_eq!(read("b"), b"b only\n");
+    for p in ["via-symlink", "null", "pipe"] {
+        assert!(
+            std::fs::symlink_metadata(s.dest.join(p)).unwrap().is_file(),
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn truncated_and_oversized_streams_fail() {
+    use tar::EntryType::Regular;
+    let s = Sentinel::new();
+    let e = err_of(s.apply(&archive(&[raw(
+        "big",
+        Regular,
+        "",
+        &[7u8; 100],
+        Some(1 << 30),
+    )])));
+    assert!(e.contains("big") && e.contains("short"), "{e}");
+    let e = err_of(s.apply(&raw("big", Regular, "", &[7u8; 100], Some(1 << 40))));
+    assert!(e.contains("big") && e.contains("short"), "{e}");
+
+    let tar = common::corpus_tar(4096);
+    let cuts = [tar.len() / 3, 512 * 7, tar.len() - 1024];
+    for cut in cuts {
+        let e = err_of(s.apply(&tar[..cut]));
+        assert!(e.contains("truncated"), "tar cut at {cut}: {e}");
+    }
+    for (form, blob) in [("gzip", gzip(&tar)), ("zstd", zstd(&tar))] {
+        let e = err_of(s.apply(&blob[..blob.len() / 2]));
+        assert!(!e.is_empty(), "{form}: {e}");
+        let e = err_of(s.apply(&blob[..blob.len() - 3]));
+        assert!(!e.is_empty(), "{form}: {e}");
+    }
+    // an eStargz blob cut between two gzip members decompresses cleanly, but the
+    // tar inside has no end-of-archive marker
+    let l = lazy(&tar, Format::Estargz);
+    let toc = lazysnap::format::reader::locate(&l.blob).unwrap();
+    let e = err_of(s.apply(&l.blob[..toc.data_end() as usize]));
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn garbage_fails() {
+    let s = Sentinel::new();
+    let noise = common::prng_bytes(9, 10_000);
+    let e = err_of(s.apply(&noise));
+    assert!(e.contains("checksum"), "{e}");
+    let e = err_of(s.apply(&gzip(&noise)));
+    assert!(e.contains("checksum"), "{e}");
+    let mut bad = gzip(&common::corpus_tar(4096));
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    err_of(s.apply(&bad));
+    let e = err_of(s.apply(&[0x1f, 0x8b, 8, 0, 0]));
+    assert!(!e.is_empty());
+    let e = err_of(s.apply(b""));
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn a_file_as_parent_is_an_error() {
+    use tar::EntryType::Regular;
+    let s = Sentinel::new();
+    let blob = archive(&[
+        raw("a", Regular, "", b"file", None),
+        raw("a/b", Regular, "", b"under a file", None),
+    ]);
+    let e = err_of(s.apply(&blob));
+    assert!(e.contains("a/b") && e.contains("not a directory"), "{e}");
+}
