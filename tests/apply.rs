@@ -17,7 +17,7 @@ use lazysnap::format::{Format, OpenOptions};
 use lazysnap::layer::mount::mount_layer;
 use lazysnap::layer::workers::Workers;
 use lazysnap::layer::{FileBlob, LayerConfig, RemoteLayer};
-use lazysnap::snapshot::apply::{ApplyStats, apply_stream};
+use lazysnap::snapshot::apply::{ApplyStats, apply_layer, apply_stream};
 use lazysnap_fuse::MountOptions;
 
 type Tree = (BTreeMap<String, Seen>, Vec<Vec<String>>);
@@ -109,7 +109,11 @@ fn remote(l: &Lazy, work: &Path) -> Arc<RemoteLayer> {
             ..OpenOptions::default()
         },
         Arc::new(ChunkCache::in_memory(64 << 20)),
-        LayerConfig::default(),
+        // read chunks from the blob, not from a copy taken at open
+        LayerConfig {
+            small_layer_bytes: 0,
+            ..LayerConfig::default()
+        },
     )
     .unwrap()
 }
@@ -144,78 +148,50 @@ fn assert_same(name: &str, got: &Tree, want: &Tree) {
 /// Duplicates, replacements, whiteouts next to real names, implicit parents,
 /// holes, nanosecond times and hard-link chains.
 fn quirks_tar() -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut n = 0u64;
-    let mut add =
-        |path: &str, kind: tar::EntryType, mode: u32, uid: u64, data: &[u8], link: Option<&str>| {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(kind);
-            h.set_mode(mode);
-            h.set_uid(uid);
-            h.set_gid(uid + 1);
-            h.set_size(data.len() as u64);
-            n += 1;
-            h.set_mtime(1_600_000_000 + n * 11);
-            if kind == tar::EntryType::Char {
-                h.set_device_major(1).unwrap();
-                h.set_device_minor(3).unwrap();
-            }
-            match link {
-                Some(l) => b.append_link(&mut h, path, l).unwrap(),
-                None => b.append_data(&mut h, path, data).unwrap(),
-            }
-        };
-    use tar::EntryType::{Char, Directory as Dir, Link, Regular as Reg, Symlink};
-    add("./", Dir, 0o750, 5, b"", None);
-    add("dup/", Dir, 0o755, 0, b"", None);
-    add("dup/file", Reg, 0o600, 0, b"one", None);
-    add("dup/file", Reg, 0o644, 7, b"two, longer", None);
-    add("dup/d2f/", Dir, 0o755, 0, b"", None);
-    add("dup/d2f/child", Reg, 0o644, 0, b"child", None);
-    add("dup/d2f", Reg, 0o640, 3, b"now a file", None);
-    add("dup/f2d", Reg, 0o644, 0, b"a file first", None);
-    add("dup/f2d/", Dir, 0o711, 4, b"", None);
-    add("dup/f2d/inner", Reg, 0o644, 0, b"inner", None);
-    add("dup/dir/", Dir, 0o700, 1, b"", None);
-    add("dup/dir/kept", Reg, 0o644, 0, b"kept", None);
-    add("dup/dir/", Dir, 0o755, 2, b"", None);
-    add("dup/sym", Symlink, 0o777, 0, b"", Some("kept-target"));
-    add("dup/sym", Reg, 0o644, 0, b"real file over a symlink", None);
-    add("dup/dev", Char, 0o666, 0, b"", None);
-    add("dup/dev", Reg, 0o644, 0, b"not a device", None);
-    add("wh/", Dir, 0o755, 0, b"", None);
-    add("wh/x", Reg, 0o644, 0, b"x wins", None);
-    add("wh/.wh.x", Reg, 0o644, 0, b"", None);
-    add("wh/.wh.y", Reg, 0o600, 0, b"", None);
-    add("wh/y/", Dir, 0o755, 0, b"", None);
-    add("wh/.wh.z", Reg, 0o640, 0, b"", None);
-    add("wh/.wh.gone/child", Reg, 0o644, 0, b"hidden", None);
-    add("wh/.wh..wh.plnk", Reg, 0o644, 0, b"", None);
-    add("implicit/a/b/c.txt", Reg, 0o644, 0, b"no parents", None);
+    use common::{ALICE, NOBODY, ROOT};
+    use tar::EntryType::{Char, Fifo};
+    let mut t = common::Corpus::new();
+    t.dir("./", 0o750, &ALICE);
+    t.dir("dup/", 0o755, &ROOT);
+    t.file("dup/file", 0o600, &ROOT, b"one");
+    t.file("dup/file", 0o644, &NOBODY, b"two, longer");
+    t.dir("dup/d2f/", 0o755, &ROOT);
+    t.file("dup/d2f/child", 0o644, &ROOT, b"child");
+    t.file("dup/d2f", 0o640, &ALICE, b"now a file");
+    t.file("dup/f2d", 0o644, &ROOT, b"a file first");
+    t.dir("dup/f2d/", 0o711, &ALICE);
+    t.file("dup/f2d/inner", 0o644, &ROOT, b"inner");
+    t.dir("dup/dir/", 0o700, &NOBODY);
+    t.file("dup/dir/kept", 0o644, &ROOT, b"kept");
+    t.dir("dup/dir/", 0o755, &ALICE);
+    t.symlink("dup/sym", "kept-target");
+    t.file("dup/sym", 0o644, &ROOT, b"real file over a symlink");
+    t.dev(Char, "dup/dev", 0o666, 1, 3);
+    t.file("dup/dev", 0o644, &ROOT, b"not a device");
+    t.dev(Fifo, "dup/fifo", 0o644, 0, 0);
+    t.dir("wh/", 0o755, &ROOT);
+    t.file("wh/x", 0o644, &ROOT, b"x wins");
+    t.file("wh/.wh.x", 0o644, &ROOT, b"");
+    t.file("wh/.wh.y", 0o600, &ROOT, b"");
+    t.dir("wh/y/", 0o755, &ROOT);
+    t.file("wh/.wh.z", 0o640, &ROOT, b"");
+    t.file("wh/.wh.gone/child", 0o644, &ROOT, b"hidden");
+    t.file("wh/.wh..wh.plnk", 0o644, &ROOT, b"");
+    t.file("implicit/a/b/c.txt", 0o644, &ROOT, b"no parents");
     let mut sparse = vec![0u8; 1 << 20];
     sparse[..4096].copy_from_slice(&common::prng_bytes(3, 4096));
     sparse[600 << 10..(600 << 10) + 100].copy_from_slice(&common::prng_bytes(4, 100));
-    add("sparse.bin", Reg, 0o644, 0, &sparse, None);
-    add("hl/", Dir, 0o755, 0, b"", None);
-    add("hl/a", Reg, 0o4755, 0, b"chain", None);
-    add("hl/b", Link, 0o4755, 0, b"", Some("hl/a"));
-    add("hl/c", Link, 0o4755, 0, b"", Some("hl/b"));
-    add("hl/t", Reg, 0o644, 0, b"old", None);
-    add("hl/u", Link, 0o644, 0, b"", Some("hl/t"));
-    add("hl/t", Reg, 0o644, 0, b"new", None);
-    let mut t = b.into_inner().unwrap();
-    // one entry with a nanosecond PAX mtime, before the end-of-archive blocks
-    t.truncate(t.len() - 1024);
-    let mut b = tar::Builder::new(t);
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(Reg);
-    h.set_mode(0o644);
-    h.set_size(5);
-    h.set_mtime(1_600_000_000);
-    b.append_pax_extensions([("mtime", &b"1600000000.123456789"[..])])
-        .unwrap();
-    b.append_data(&mut h, "nanos", &b"nanos"[..]).unwrap();
-    b.into_inner().unwrap()
+    t.file("sparse.bin", 0o644, &ROOT, &sparse);
+    t.dir("hl/", 0o755, &ROOT);
+    t.file("hl/a", 0o4755, &ROOT, b"chain");
+    t.hardlink("hl/b", "hl/a", 0o4755, &ROOT);
+    t.hardlink("hl/c", "hl/b", 0o4755, &ROOT);
+    t.file("hl/t", 0o644, &ROOT, b"old");
+    t.hardlink("hl/u", "hl/t", 0o644, &ROOT);
+    t.file("hl/t", 0o644, &ROOT, b"new");
+    t.pax(&[("mtime", b"1600000000.123456789")]);
+    t.file("nanos", 0o644, &ROOT, b"nanos");
+    t.finish()
 }
 
 #[test]
@@ -239,6 +215,19 @@ fn every_format_gives_the_fuse_view() {
                 None => first = Some(got),
                 Some(want) => assert_same(&format!("{name} as {form}, exactly"), &got, want),
             }
+        }
+        for f in LAZY {
+            let l = lazy(&tar, f);
+            let dest = work.path().join(format!("{name}-{f:?}-toc"));
+            std::fs::create_dir_all(&dest).unwrap();
+            let stats = apply_layer(&remote(&l, work.path()), &dest)
+                .unwrap_or_else(|e| panic!("{name} {f:?}: {e}"));
+            assert!(stats.files > 0, "{stats:?}");
+            assert_same(
+                &format!("{name} from the {f:?} TOC"),
+                &seconds(tree(&dest)),
+                &fuse,
+            );
         }
     }
 }
@@ -312,14 +301,14 @@ fn the_tree_has_overlay_form_and_keeps_everything() {
         (c.ino(), 3, 0o4755)
     );
     let dir = std::fs::metadata(q.join("dup/dir")).unwrap();
-    assert_eq!((dir.uid(), dir.mode() & 0o7777), (2, 0o755));
+    assert_eq!((dir.uid(), dir.mode() & 0o7777), (1000, 0o755));
     let implicit = std::fs::metadata(q.join("implicit/a")).unwrap();
     assert_eq!(
         (implicit.uid(), implicit.mode() & 0o7777, implicit.mtime()),
         (0, 0o755, 0)
     );
     let root = std::fs::metadata(&q).unwrap();
-    assert_eq!((root.uid(), root.mode() & 0o7777), (5, 0o750));
+    assert_eq!((root.uid(), root.mode() & 0o7777), (1000, 0o750));
     let sparse = std::fs::metadata(q.join("sparse.bin")).unwrap();
     assert_eq!(sparse.len(), 1 << 20);
     assert!(
@@ -332,6 +321,56 @@ fn the_tree_has_overlay_form_and_keeps_everything() {
         (nanos.mtime(), nanos.mtime_nsec()),
         (1_600_000_000, 123_456_789)
     );
+}
+
+#[test]
+fn cached_chunks_are_reused_and_bad_chunks_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let tar = common::corpus_tar(4096);
+    for f in LAZY {
+        let l = lazy(&tar, f);
+        let cold_dir = work.path().join(format!("{f:?}-cold"));
+        std::fs::create_dir_all(&cold_dir).unwrap();
+        let layer = remote(&l, work.path());
+        let before = layer.stats().fetched_bytes;
+        apply_layer(&layer, &cold_dir).unwrap();
+        let cold = layer.stats().fetched_bytes - before;
+        assert!(cold > 0, "{f:?}: nothing fetched");
+
+        // warm: every chunk in the cache, nothing fetched again
+        let layer = remote(&l, work.path());
+        layer
+            .fetch_all(&std::sync::atomic::AtomicBool::new(false), false)
+            .unwrap();
+        let before = layer.stats().fetched_bytes;
+        let warm_dir = work.path().join(format!("{f:?}-warm"));
+        std::fs::create_dir_all(&warm_dir).unwrap();
+        apply_layer(&layer, &warm_dir).unwrap();
+        assert_eq!(
+            layer.stats().fetched_bytes,
+            before,
+            "{f:?}: warm apply fetched"
+        );
+        assert_same(&format!("{f:?} warm"), &tree(&warm_dir), &tree(&cold_dir));
+
+        // a corrupted chunk fails the extraction, naming the file
+        let victim = "data/multi";
+        let idx = layer.index();
+        let id = idx.lookup_path(victim).unwrap();
+        let c = &idx.chunks(id)[1];
+        let mut bad = l.blob.clone();
+        bad[((c.compressed_offset + c.compressed_end) / 2) as usize] ^= 0xff;
+        let bad = Lazy { blob: bad, ..l };
+        let dest = work.path().join(format!("{f:?}-bad"));
+        std::fs::create_dir_all(&dest).unwrap();
+        let e = apply_layer(&remote(&bad, work.path()), &dest).unwrap_err();
+        // named by one of its two names (the other is a hard link)
+        let e = e.to_string();
+        assert!(
+            e.contains("multi") && e.contains("verification"),
+            "{f:?}: {e}"
+        );
+    }
 }
 
 // ---- hostile layers ----

@@ -11,7 +11,7 @@
 //! sequentially (decompression on its own thread), [`apply_layer`] takes metadata from
 //! a lazy layer's TOC index and file bytes from its chunks, fetched in parallel.
 
-mod bulk;
+mod indexed;
 mod names;
 mod stream;
 mod target;
@@ -48,5 +48,5 @@ pub fn apply_stream(blob: impl std::io::Read + Send, dest: &Path) -> Result<Appl
 /// fetched in parallel ranges and decompressed on all cores). Same overlay form and
 /// safety as [`apply_stream`].
 pub fn apply_layer(layer: &RemoteLayer, dest: &Path) -> Result<ApplyStats> {
-    bulk::apply(layer, dest)
+    indexed::apply(layer, dest)
 }

@@ -349,19 +349,10 @@ impl Target {
         )
     }
 
-    /// Creates the regular file `at` for writing.
+    /// Creates the regular file `at` for writing, replacing what held the name.
     pub fn file(&mut self, at: &At) -> Result<File> {
         loop {
-            match openat(
-                at.dir.as_fd(),
-                at.base,
-                OFlag::O_WRONLY
-                    | OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
-            ) {
+            match create(at) {
                 Ok(fd) => return Ok(File::from(fd)),
                 Err(Errno::EEXIST) => self.remove(at)?,
                 Err(e) => return Err(fail(at.entry, "create", e)),
@@ -539,6 +530,28 @@ impl Target {
             futimens(fd, &t, &t).map_err(|e| fail(&rel, "set times", e))?;
         }
         Ok(())
+    }
+}
+
+fn create(at: &At) -> nix::Result<OwnedFd> {
+    openat(
+        at.dir.as_fd(),
+        at.base,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+}
+
+/// Creates the regular file `at` for writing from any thread; a non-directory
+/// holding the name (a whiteout device made earlier) is replaced.
+pub fn create_file(at: &At) -> Result<File> {
+    loop {
+        match create(at) {
+            Ok(fd) => return Ok(File::from(fd)),
+            Err(Errno::EEXIST) => unlinkat(at.dir.as_fd(), at.base, UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| fail(at.entry, "remove the older entry", e))?,
+            Err(e) => return Err(fail(at.entry, "create", e)),
+        }
     }
 }
 
