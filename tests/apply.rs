@@ -1,8 +1,10 @@
 //! The layer applier: every layer format extracts to the same overlay-form tree as
-//! the FUSE view of the layer shows; hostile layers fail with errors naming the
-//! path and touch nothing outside the destination.
+//! the FUSE view of the layer shows, and as containerd 1.6's overlayfs snapshotter
+//! unpacks it; hostile layers fail with errors naming the path and touch nothing
+//! outside the destination.
 
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::lazy::{Seen, snapshot_exact};
+use common::registry::{Layer, Registry, sha256_hex};
+use common::{ALICE, Corpus, NOBODY, ROOT};
 use lazysnap::cache::ChunkCache;
 use lazysnap::format::writer::WriteOptions;
 use lazysnap::format::{Format, OpenOptions};
@@ -19,6 +23,7 @@ use lazysnap::layer::workers::Workers;
 use lazysnap::layer::{FileBlob, LayerConfig, RemoteLayer};
 use lazysnap::snapshot::apply::{ApplyStats, apply_layer, apply_stream};
 use lazysnap_fuse::MountOptions;
+use support::Containerd;
 
 type Tree = (BTreeMap<String, Seen>, Vec<Vec<String>>);
 
@@ -148,7 +153,6 @@ fn assert_same(name: &str, got: &Tree, want: &Tree) {
 /// Duplicates, replacements, whiteouts next to real names, implicit parents,
 /// holes, nanosecond times and hard-link chains.
 fn quirks_tar() -> Vec<u8> {
-    use common::{ALICE, NOBODY, ROOT};
     use tar::EntryType::{Char, Fifo};
     let mut t = common::Corpus::new();
     t.dir("./", 0o750, &ALICE);
@@ -371,6 +375,244 @@ fn cached_chunks_are_reused_and_bad_chunks_refused() {
             "{f:?}: {e}"
         );
     }
+}
+
+// ---- against containerd ----
+
+fn gzip_layer(tar: Vec<u8>) -> Layer {
+    Layer {
+        blob: gzip(&tar),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        annotations: BTreeMap::new(),
+        diff_id: format!("sha256:{}", sha256_hex(&tar)),
+    }
+}
+
+/// The lowest layer: a small system with every entry type.
+fn base() -> Vec<u8> {
+    use tar::EntryType::{Char, Fifo, Regular};
+    let mut t = Corpus::new();
+    t.dir("etc/", 0o755, &ROOT);
+    t.file("etc/passwd", 0o644, &ROOT, b"root:x:0:0::/root:/bin/sh\n");
+    t.dir("etc/config.d/", 0o755, &ROOT);
+    t.file("etc/config.d/a.conf", 0o644, &ROOT, b"a=1\n");
+    t.file("etc/config.d/b.conf", 0o600, &ALICE, b"b=1\n");
+    t.dir("usr/", 0o755, &ROOT);
+    t.dir("usr/bin/", 0o755, &ROOT);
+    // a hard link's header carries its inode's metadata, as docker and buildkit
+    // write it (containerd applies it to the inode; GNU tar and lazysnap keep the
+    // first header's)
+    let data = common::prng_bytes(1, 200_000);
+    let mut h = t.header(Regular, 0o4755, &ROOT, data.len() as u64, false);
+    t.b.append_data(&mut h.clone(), "usr/bin/tool", &data[..])
+        .unwrap();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    t.b.append_link(&mut h, "usr/bin/tool-again", "usr/bin/tool")
+        .unwrap();
+    t.symlink("usr/bin/sh", "tool");
+    let cap: &[u8] = &[1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    t.pax_entry(
+        "usr/bin/ping",
+        Regular,
+        0o755,
+        &ROOT,
+        &common::prng_bytes(2, 30_000),
+        &[("security.capability", cap), ("user.origin", b"test")],
+    );
+    t.dir("var/", 0o755, &ROOT);
+    t.dir("var/lib/", 0o755, &ROOT);
+    t.dir("var/lib/data/", 0o750, &NOBODY);
+    t.dir("var/lib/data/deep/", 0o755, &NOBODY);
+    t.file(
+        "var/lib/data/deep/x.db",
+        0o640,
+        &NOBODY,
+        &common::text_bytes(3, 50_000),
+    );
+    t.file("var/lib/data/y.db", 0o640, &NOBODY, &vec![0u8; 300_000]);
+    t.dir("opt/", 0o755, &ROOT);
+    t.dir("opt/app/", 0o755, &ALICE);
+    t.file("opt/app/old.txt", 0o644, &ALICE, b"old app\n");
+    t.dir("opt/app/lib/", 0o755, &ALICE);
+    t.file(
+        "opt/app/lib/old.so",
+        0o755,
+        &ALICE,
+        &common::prng_bytes(4, 10_000),
+    );
+    t.dir("dev/", 0o755, &ROOT);
+    t.dev(Char, "dev/null", 0o666, 1, 3);
+    t.dev(Fifo, "dev/initctl", 0o600, 0, 0);
+    t.dir("home/", 0o755, &ROOT);
+    t.dir("home/alice/", 0o700, &ALICE);
+    t.file("home/alice/.profile", 0o644, &ALICE, b"export PS1='$ '\n");
+    t.finish()
+}
+
+/// Deletes a file and a whole directory, re-creates `opt/app` opaquely, changes files.
+fn middle() -> Vec<u8> {
+    let mut t = Corpus::new();
+    t.dir("etc/", 0o755, &ROOT);
+    t.file("etc/.wh.passwd", 0o644, &ROOT, b"");
+    t.dir("etc/config.d/", 0o755, &ROOT);
+    t.file("etc/config.d/b.conf", 0o600, &ALICE, b"b=2\n");
+    t.file("etc/config.d/c.conf", 0o644, &ROOT, b"c=1\n");
+    t.dir("var/", 0o755, &ROOT);
+    t.dir("var/lib/", 0o755, &ROOT);
+    t.file("var/lib/.wh.data", 0o644, &ROOT, b"");
+    t.dir("opt/", 0o755, &ROOT);
+    t.dir("opt/app/", 0o755, &ALICE);
+    t.file("opt/app/.wh..wh..opq", 0o644, &ROOT, b"");
+    t.file("opt/app/new.txt", 0o644, &ALICE, b"new app\n");
+    t.dir("usr/", 0o755, &ROOT);
+    t.dir("usr/bin/", 0o755, &ROOT);
+    t.file(
+        "usr/bin/tool",
+        0o755,
+        &ROOT,
+        &common::prng_bytes(5, 150_000),
+    );
+    t.finish()
+}
+
+/// Re-creates the deleted directory, deletes more, hides a home directory's content.
+fn top() -> Vec<u8> {
+    let mut t = Corpus::new();
+    t.dir("var/", 0o755, &ROOT);
+    t.dir("var/lib/", 0o755, &ROOT);
+    t.dir("var/lib/data/", 0o755, &ROOT);
+    t.file("var/lib/data/fresh.db", 0o644, &ROOT, b"fresh\n");
+    t.dir("etc/", 0o755, &ROOT);
+    t.dir("etc/config.d/", 0o755, &ROOT);
+    t.file("etc/config.d/.wh.a.conf", 0o644, &ROOT, b"");
+    t.dir("home/", 0o755, &ROOT);
+    t.dir("home/alice/", 0o700, &ALICE);
+    t.file("home/alice/.wh..wh..opq", 0o644, &ROOT, b"");
+    t.file("usr/bin/.wh.sh", 0o644, &ROOT, b"");
+    t.dir("usr/", 0o755, &ROOT);
+    t.dir("usr/bin/", 0o755, &ROOT);
+    t.finish()
+}
+
+/// The snapshot directories of `reference`'s layers, lowest first, from the mounts
+/// of a view of its top snapshot.
+fn layer_dirs(ctd: &Containerd, layers: usize) -> Vec<PathBuf> {
+    let ls = ctd.ctr_ok(&["snapshot", "--snapshotter", "overlayfs", "ls"]);
+    // KEY PARENT KIND; the top is the committed snapshot no other names as parent (the
+    // view made here is leased by ctr and collected once it is done)
+    let rows: Vec<Vec<&str>> = ls
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let top = rows
+        .iter()
+        .filter(|r| r.len() == 3 && r[2] == "Committed")
+        .find(|r| !rows.iter().any(|o| o.len() == 3 && o[1] == r[0]))
+        .unwrap_or_else(|| panic!("no top snapshot in {ls}"))[0];
+    ctd.ctr_ok(&[
+        "snapshot",
+        "--snapshotter",
+        "overlayfs",
+        "view",
+        "apply-view",
+        top,
+    ]);
+    let m = ctd.ctr_ok(&[
+        "snapshot",
+        "--snapshotter",
+        "overlayfs",
+        "mounts",
+        "/mnt/x",
+        "apply-view",
+    ]);
+    let lower = m
+        .split("lowerdir=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no lowerdir in {m}"))
+        .split([',', ' ', '\n'])
+        .next()
+        .unwrap_or("");
+    let mut dirs: Vec<PathBuf> = lower.split(':').map(PathBuf::from).collect();
+    dirs.reverse();
+    assert_eq!(dirs.len(), layers, "{m}");
+    dirs
+}
+
+/// A directory's tree with what containerd leaves unset normalized: the root (the
+/// snapshotter made it) is dropped, and whiteouts are compared by type, device
+/// number and owner only (containerd makes them with mode 0 and the current time).
+fn compared(dir: &Path) -> Tree {
+    whiteout_identity(tree(dir))
+}
+
+fn whiteout_identity(mut t: Tree) -> Tree {
+    t.0.remove("");
+    for v in t.0.values_mut() {
+        v.whiteout_identity();
+    }
+    t
+}
+
+#[test]
+fn applied_layers_equal_containerd_overlayfs_snapshots() {
+    let tools = [
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/bin/docker-registry",
+    ];
+    if !support::require(
+        &tools,
+        "applied_layers_equal_containerd_overlayfs_snapshots",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start();
+    let tars = [base(), middle(), top()];
+    let layers: Vec<Layer> = tars.iter().cloned().map(gzip_layer).collect();
+    let image = registry.push_image("apply/diff", "1", &layers);
+    let ctd = Containerd::start(
+        &tmp.path().join("containerd"),
+        &tmp.path().join("none.sock"),
+    );
+    ctd.ctr_ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &image,
+    ]);
+    let dirs = layer_dirs(&ctd, layers.len());
+    for (i, (layer, theirs)) in layers.iter().zip(&dirs).enumerate() {
+        let ours = tmp.path().join(format!("ours-{i}"));
+        std::fs::create_dir(&ours).unwrap();
+        let stats = apply_stream(&layer.blob[..], &ours).unwrap();
+        let want = compared(theirs);
+        assert_same(&format!("layer {i}, stream"), &compared(&ours), &want);
+        // the same layer as eStargz: from its TOC, and as the FUSE view shows it
+        let l = lazy(&tars[i], Format::Estargz);
+        let from_toc = tmp.path().join(format!("toc-{i}"));
+        std::fs::create_dir(&from_toc).unwrap();
+        apply_layer(&remote(&l, tmp.path()), &from_toc).unwrap();
+        assert_same(&format!("layer {i}, TOC"), &compared(&from_toc), &want);
+        let fuse = fuse_tree(&l, tmp.path());
+        assert_same(&format!("layer {i}, FUSE"), &whiteout_identity(fuse), &want);
+        eprintln!("layer {i}: {} entries identical, {stats:?}", want.0.len());
+    }
+    // the deletions and the opaque directory really are in overlay form
+    let x = common::lazy::xattrs(&dirs[1].join("opt/app"));
+    assert_eq!(
+        x.get("trusted.overlay.opaque").map(Vec::as_slice),
+        Some(&b"y"[..])
+    );
+    let wh = std::fs::symlink_metadata(dirs[1].join("var/lib/data")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &wh.file_type()
+    ));
+    ctd.ctr_ok(&["image", "rm", &image]);
 }
 
 // ---- hostile layers ----

@@ -216,6 +216,16 @@ impl Seen {
     pub fn drop_nanos(&mut self) {
         self.mtime_nsec = 0;
     }
+
+    /// For a whiteout (a 0:0 character device), keeps only what identifies it:
+    /// type, device number and owner.
+    pub fn whiteout_identity(&mut self) {
+        if self.kind == "char" && self.rdev == 0 {
+            self.mode = 0;
+            self.mtime = 0;
+            self.mtime_nsec = 0;
+        }
+    }
 }
 
 /// Every entry under `root` and the hard-link groups (paths sharing an inode).
