@@ -311,89 +311,60 @@ fn utf8(v: Vec<u8>, what: &str) -> Result<String> {
 /// cannot make us allocate gigabytes.
 const MAX_EXTENSION: u64 = 1 << 20;
 
-/// Reads every entry of an uncompressed tar without touching file payloads.
-pub fn scan(src: &dyn ReadAt) -> Result<Scan> {
-    let size = src.size();
-    let mut pos = 0u64;
-    let mut entries = Vec::new();
-    let mut global: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut long_name: Option<Vec<u8>> = None;
-    let mut long_link: Option<Vec<u8>> = None;
-    let mut header_start: Option<u64> = None;
-    let mut block = [0u8; 512];
-    loop {
-        if pos + BLOCK > size {
-            if pos == size && header_start.is_none() {
-                // stream ends without an end-of-archive marker; accept it
-                return Ok(Scan { entries, end: pos });
-            }
-            return Err(Error::Tar(format!("truncated archive at offset {pos}")));
+/// Extension headers (PAX records, GNU long names) waiting for the entry they
+/// describe; both the random-access [`scan`] and streaming readers feed them.
+#[derive(Debug, Default)]
+pub struct Extensions {
+    global: Vec<(String, Vec<u8>)>,
+    pax: Vec<(String, Vec<u8>)>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    /// The payload length of an extension header, or `None` when `h` is an entry.
+    pub fn payload_len(h: &Header) -> Result<Option<usize>> {
+        if !matches!(h.flag, b'x' | b'g' | b'L' | b'K') {
+            return Ok(None);
         }
-        src.read_exact_at(pos, &mut block)
-            .map_err(|e| Error::Tar(format!("reading header at offset {pos}: {e}")))?;
-        let Some(h) =
-            Header::parse(&block).map_err(|e| Error::Tar(format!("offset {pos}: {e}")))?
-        else {
-            if header_start.is_some() {
-                return Err(Error::Tar(format!(
-                    "offset {pos}: archive ends between an extension header and its entry"
-                )));
-            }
-            return Ok(Scan { entries, end: pos });
-        };
-        let start = *header_start.get_or_insert(pos);
-        let data_start = pos + BLOCK;
-        let end = h
-            .payload_blocks()
-            .checked_mul(BLOCK)
-            .and_then(|n| n.checked_add(data_start))
-            .filter(|&e| e <= size)
-            .ok_or_else(|| {
-                Error::Tar(format!(
-                    "offset {pos}: entry of {} bytes runs past the end of the archive",
-                    h.size
-                ))
-            })?;
+        if h.size > MAX_EXTENSION {
+            return Err(Error::Tar(format!(
+                "extension header of {} bytes is too large",
+                h.size
+            )));
+        }
+        Ok(Some(h.size as usize))
+    }
+
+    /// Takes the payload of extension header `h`.
+    pub fn absorb(&mut self, h: &Header, mut data: Vec<u8>) -> Result<()> {
         match h.flag {
-            b'x' | b'g' | b'L' | b'K' => {
-                if h.size > MAX_EXTENSION {
-                    return Err(Error::Tar(format!(
-                        "offset {pos}: extension header of {} bytes is too large",
-                        h.size
-                    )));
+            b'x' => self.pax.extend(parse_pax_records(&data)?),
+            b'g' => self.global.extend(parse_pax_records(&data)?),
+            flag => {
+                let n = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+                data.truncate(n);
+                if flag == b'L' {
+                    self.long_name = Some(data);
+                } else {
+                    self.long_link = Some(data);
                 }
-                let mut data = vec![0u8; h.size as usize];
-                src.read_exact_at(data_start, &mut data)
-                    .map_err(|e| Error::Tar(format!("offset {data_start}: {e}")))?;
-                match h.flag {
-                    b'x' => pax.extend(parse_pax_records(&data)?),
-                    b'g' => global.extend(parse_pax_records(&data)?),
-                    b'L' => {
-                        let n = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-                        data.truncate(n);
-                        long_name = Some(data);
-                    }
-                    _ => {
-                        let n = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-                        data.truncate(n);
-                        long_link = Some(data);
-                    }
-                }
-                pos = end;
-                continue;
             }
-            _ => {}
         }
-        let kind = Kind::from_flag(h.flag).ok_or_else(|| {
-            Error::Tar(format!(
-                "offset {pos}: unsupported entry type {:?}",
-                h.flag as char
-            ))
-        })?;
+        Ok(())
+    }
+
+    /// The entry header `h` describes, with every pending extension applied, and
+    /// the length of the payload that follows the header (before padding).
+    pub fn entry(&mut self, h: &Header) -> Result<(Meta, u64)> {
+        let kind = Kind::from_flag(h.flag)
+            .ok_or_else(|| Error::Tar(format!("unsupported entry type {:?}", h.flag as char)))?;
         let raw = h.as_bytes();
         let mut m = Meta {
-            name: utf8(long_name.take().unwrap_or_else(|| h.name_bytes()), "name")?,
+            name: utf8(
+                self.long_name.take().unwrap_or_else(|| h.name_bytes()),
+                "name",
+            )?,
             kind: Some(kind),
             mode: numeric(&raw[100..108], "mode")?,
             uid: numeric(&raw[108..116], "uid")?,
@@ -404,7 +375,7 @@ pub fn scan(src: &dyn ReadAt) -> Result<Scan> {
                 nanos: 0,
             },
             link_name: utf8(
-                long_link
+                self.long_link
                     .take()
                     .unwrap_or_else(|| field(raw, 157, 100).to_vec()),
                 "link name",
@@ -428,7 +399,7 @@ pub fn scan(src: &dyn ReadAt) -> Result<Scan> {
             }
         }
         let mut size_override = None;
-        for (k, v) in global.iter().chain(pax.iter()) {
+        for (k, v) in self.global.iter().chain(self.pax.iter()) {
             let text = || utf8(v.clone(), k);
             match k.as_str() {
                 "path" => m.name = text()?,
@@ -454,29 +425,95 @@ pub fn scan(src: &dyn ReadAt) -> Result<Scan> {
                 }
             }
         }
-        pax.clear();
-        let mut end = end;
+        self.pax.clear();
+        let mut payload = h.payload_blocks() * BLOCK;
+        if payload > 0 {
+            payload = h.size;
+        }
         if let Some(s) = size_override {
             m.size = s;
             if h.payload_blocks() > 0 || (h.size == 0 && kind == Kind::Reg) {
-                end = s
-                    .div_ceil(BLOCK)
-                    .checked_mul(BLOCK)
-                    .and_then(|n| n.checked_add(data_start))
-                    .filter(|&e| e <= size)
-                    .ok_or_else(|| {
-                        Error::Tar(format!("offset {pos}: PAX size {s} runs past the end"))
-                    })?;
+                payload = s;
             }
         }
         if kind != Kind::Reg {
             m.size = 0;
         }
+        Ok((m, payload))
+    }
+}
+
+/// Names the archive offset in a tar error.
+fn at(pos: u64, e: Error) -> Error {
+    match e {
+        Error::Tar(s) => Error::Tar(format!("offset {pos}: {s}")),
+        e => e,
+    }
+}
+
+/// Reads every entry of an uncompressed tar without touching file payloads.
+pub fn scan(src: &dyn ReadAt) -> Result<Scan> {
+    let size = src.size();
+    let mut pos = 0u64;
+    let mut entries = Vec::new();
+    let mut ext = Extensions::default();
+    let mut header_start: Option<u64> = None;
+    let mut block = [0u8; 512];
+    loop {
+        if pos + BLOCK > size {
+            if pos == size && header_start.is_none() {
+                // stream ends without an end-of-archive marker; accept it
+                return Ok(Scan { entries, end: pos });
+            }
+            return Err(Error::Tar(format!("truncated archive at offset {pos}")));
+        }
+        src.read_exact_at(pos, &mut block)
+            .map_err(|e| Error::Tar(format!("reading header at offset {pos}: {e}")))?;
+        let Some(h) = Header::parse(&block).map_err(|e| at(pos, e))? else {
+            if header_start.is_some() {
+                return Err(Error::Tar(format!(
+                    "offset {pos}: archive ends between an extension header and its entry"
+                )));
+            }
+            return Ok(Scan { entries, end: pos });
+        };
+        let start = *header_start.get_or_insert(pos);
+        let data_start = pos + BLOCK;
+        let end = h
+            .payload_blocks()
+            .checked_mul(BLOCK)
+            .and_then(|n| n.checked_add(data_start))
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                Error::Tar(format!(
+                    "offset {pos}: entry of {} bytes runs past the end of the archive",
+                    h.size
+                ))
+            })?;
+        if let Some(len) = Extensions::payload_len(&h).map_err(|e| at(pos, e))? {
+            let mut data = vec![0u8; len];
+            src.read_exact_at(data_start, &mut data)
+                .map_err(|e| Error::Tar(format!("offset {data_start}: {e}")))?;
+            ext.absorb(&h, data)?;
+            pos = end;
+            continue;
+        }
+        let (meta, payload) = ext.entry(&h).map_err(|e| at(pos, e))?;
+        let end = payload
+            .div_ceil(BLOCK)
+            .checked_mul(BLOCK)
+            .and_then(|n| n.checked_add(data_start))
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                Error::Tar(format!(
+                    "offset {pos}: entry of {payload} bytes runs past the end"
+                ))
+            })?;
         entries.push(Entry {
             header_start: start,
             data_start,
             end,
-            meta: m,
+            meta,
         });
         header_start = None;
         pos = end;

@@ -216,7 +216,7 @@ fn fetch_owned(
     }
 }
 
-fn decode(layer: &RemoteLayer, c: &crate::format::Chunk, z: &[u8]) -> Result<Bytes> {
+pub(super) fn decode(layer: &RemoteLayer, c: &crate::format::Chunk, z: &[u8]) -> Result<Bytes> {
     let data = chunk::decompress(layer.format.compression(), z, c)?;
     match c.digest {
         Some(d) => chunk::verify(&data, &d, c)?,

@@ -4,6 +4,7 @@
 //! against their digests, cached and returned.
 
 pub mod blob;
+mod bulk;
 mod fetch;
 pub mod image;
 pub mod mount;

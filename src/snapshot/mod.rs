@@ -3,6 +3,7 @@
 //! remote-snapshot protocol, where a [`RemoteFs`] mounts a layer lazily and the
 //! snapshot is committed at once.
 
+pub mod apply;
 pub mod filter;
 pub mod labels;
 pub mod lazyfs;

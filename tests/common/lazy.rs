@@ -196,13 +196,14 @@ pub fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
     kind: &'static str,
     mode: u32,
     uid: u32,
     gid: u32,
     mtime: i64,
+    mtime_nsec: i64,
     size: u64,
     rdev: u64,
     link: Option<PathBuf>,
@@ -210,11 +211,44 @@ pub struct Seen {
     xattrs: BTreeMap<String, Vec<u8>>,
 }
 
+impl Seen {
+    /// Forgets the sub-second part of the mtime (TOCs keep whole seconds).
+    pub fn drop_nanos(&mut self) {
+        self.mtime_nsec = 0;
+    }
+
+    /// For a whiteout (a 0:0 character device), keeps only what identifies it:
+    /// type, device number and owner.
+    pub fn whiteout_identity(&mut self) {
+        if self.kind == "char" && self.rdev == 0 {
+            self.mode = 0;
+            self.mtime = 0;
+            self.mtime_nsec = 0;
+        }
+    }
+}
+
 /// Every entry under `root` and the hard-link groups (paths sharing an inode).
+/// Directory mtimes and sub-second times are left out: overlayfs and FUSE views
+/// differ there from an extraction.
 pub fn snapshot(root: &Path) -> (BTreeMap<String, Seen>, Vec<Vec<String>>) {
+    snapshot_with(root, false)
+}
+
+/// Like [`snapshot`], with directory mtimes, nanoseconds and the root itself (as
+/// `""`): for comparing extractions with each other.
+pub fn snapshot_exact(root: &Path) -> (BTreeMap<String, Seen>, Vec<Vec<String>>) {
+    snapshot_with(root, true)
+}
+
+fn snapshot_with(root: &Path, exact: bool) -> (BTreeMap<String, Seen>, Vec<Vec<String>>) {
     let mut map = BTreeMap::new();
     let mut inodes: HashMap<u64, Vec<String>> = HashMap::new();
-    for p in walk(root) {
+    let mut paths = walk(root);
+    if exact {
+        paths.push(root.to_path_buf());
+    }
+    for p in paths {
         let rel = p.strip_prefix(root).unwrap().display().to_string();
         let m = std::fs::symlink_metadata(&p).unwrap();
         let ft = m.file_type();
@@ -241,7 +275,12 @@ pub fn snapshot(root: &Path) -> (BTreeMap<String, Seen>, Vec<Vec<String>>) {
                 mode: m.mode() & 0o7777,
                 uid: m.uid(),
                 gid: m.gid(),
-                mtime: if kind == "dir" { 0 } else { m.mtime() },
+                mtime: if kind == "dir" && !exact {
+                    0
+                } else {
+                    m.mtime()
+                },
+                mtime_nsec: if exact { m.mtime_nsec() } else { 0 },
                 size: if kind == "reg" { m.size() } else { 0 },
                 rdev: m.rdev(),
                 link: ft.is_symlink().then(|| std::fs::read_link(&p).unwrap()),

@@ -209,31 +209,33 @@ fn pax_payload(records: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-struct Corpus {
-    b: tar::Builder<Vec<u8>>,
+/// A tar writer for test layers: every entry type, owners, PAX records; mtimes
+/// grow by 7 s per entry from [`MTIME`].
+pub struct Corpus {
+    pub b: tar::Builder<Vec<u8>>,
     n: u64,
 }
 
-struct Owner {
+pub struct Owner {
     uid: u64,
     gid: u64,
     uname: &'static str,
     gname: &'static str,
 }
 
-const ROOT: Owner = Owner {
+pub const ROOT: Owner = Owner {
     uid: 0,
     gid: 0,
     uname: "root",
     gname: "root",
 };
-const ALICE: Owner = Owner {
+pub const ALICE: Owner = Owner {
     uid: 1000,
     gid: 1000,
     uname: "alice",
     gname: "staff",
 };
-const NOBODY: Owner = Owner {
+pub const NOBODY: Owner = Owner {
     uid: 65534,
     gid: 65534,
     uname: "nobody",
@@ -241,14 +243,14 @@ const NOBODY: Owner = Owner {
 };
 
 impl Corpus {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Corpus {
             b: tar::Builder::new(Vec::new()),
             n: 0,
         }
     }
 
-    fn header(
+    pub fn header(
         &mut self,
         ty: tar::EntryType,
         mode: u32,
@@ -273,7 +275,7 @@ impl Corpus {
         h
     }
 
-    fn pax(&mut self, records: &[(&str, &[u8])]) {
+    pub fn pax(&mut self, records: &[(&str, &[u8])]) {
         let data = pax_payload(records);
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(tar::EntryType::XHeader);
@@ -285,31 +287,31 @@ impl Corpus {
         self.b.append(&h, &data[..]).unwrap();
     }
 
-    fn dir(&mut self, path: &str, mode: u32, o: &Owner) {
+    pub fn dir(&mut self, path: &str, mode: u32, o: &Owner) {
         let mut h = self.header(tar::EntryType::Directory, mode, o, 0, false);
         self.b.append_data(&mut h, path, std::io::empty()).unwrap();
     }
 
-    fn file(&mut self, path: &str, mode: u32, o: &Owner, data: &[u8]) {
+    pub fn file(&mut self, path: &str, mode: u32, o: &Owner, data: &[u8]) {
         let mut h = self.header(tar::EntryType::Regular, mode, o, data.len() as u64, false);
         self.b.append_data(&mut h, path, data).unwrap();
     }
 
-    fn symlink(&mut self, path: &str, target: &str) {
+    pub fn symlink(&mut self, path: &str, target: &str) {
         self.link(tar::EntryType::Symlink, path, target, 0o777, &ROOT);
     }
 
     /// Hard links carry the target's mode and owner, as GNU tar writes them.
-    fn hardlink(&mut self, path: &str, target: &str, mode: u32, o: &Owner) {
+    pub fn hardlink(&mut self, path: &str, target: &str, mode: u32, o: &Owner) {
         self.link(tar::EntryType::Link, path, target, mode, o);
     }
 
-    fn link(&mut self, ty: tar::EntryType, path: &str, target: &str, mode: u32, o: &Owner) {
+    pub fn link(&mut self, ty: tar::EntryType, path: &str, target: &str, mode: u32, o: &Owner) {
         let mut h = self.header(ty, mode, o, 0, false);
         self.b.append_link(&mut h, path, target).unwrap();
     }
 
-    fn dev(&mut self, ty: tar::EntryType, path: &str, mode: u32, major: u32, minor: u32) {
+    pub fn dev(&mut self, ty: tar::EntryType, path: &str, mode: u32, major: u32, minor: u32) {
         let mut h = self.header(ty, mode, &ROOT, 0, false);
         h.set_device_major(major).unwrap();
         h.set_device_minor(minor).unwrap();
@@ -317,7 +319,7 @@ impl Corpus {
     }
 
     /// An entry whose path (and xattrs) travel in a PAX header.
-    fn pax_entry(
+    pub fn pax_entry(
         &mut self,
         path: &str,
         ty: tar::EntryType,
@@ -350,7 +352,7 @@ impl Corpus {
         self.b.append(&h, data).unwrap();
     }
 
-    fn finish(self) -> Vec<u8> {
+    pub fn finish(self) -> Vec<u8> {
         self.b.into_inner().unwrap()
     }
 }
