@@ -394,7 +394,8 @@ class Stack:
                 p.kill()
                 p.wait()
         detach_under(self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("LAZYSNAP_BENCH_KEEP") != "1":
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Proxy:
@@ -552,6 +553,7 @@ def main():
         sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT, timeout=3600)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="lazysnap-coldstart-", dir="/var/tmp")
+    log(f"work directory {work}")
     reg = Registry(work)
     proxies = []
     rows = []
@@ -565,7 +567,9 @@ def main():
             reg.push_image(name, "esgz", [(p, gz, a) for p, a in (esgz_layer(t) for t in tars)], ids, wl["cmd"])
             if "optimized" in modes:
                 acc = record_access(name, wl, work)
-                reg.push_image(name, "opt", [(p, gz, a) for p, a in (esgz_layer(t, acc, "opt") for t in tars)], ids, wl["cmd"])
+                with open(acc, "rb") as f:
+                    tag = "opt-" + hashlib.sha256(f.read()).hexdigest()[:12]
+                reg.push_image(name, "opt", [(p, gz, a) for p, a in (esgz_layer(t, acc, tag) for t in tars)], ids, wl["cmd"])
             log(f"{name}: pushed")
         for link in links:
             if link == "local":
@@ -588,7 +592,8 @@ def main():
             p.stop()
         reg.stop()
         detach_under(work)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("LAZYSNAP_BENCH_KEEP") != "1":
+            shutil.rmtree(work, ignore_errors=True)
 
     csv = os.path.join(args.out, "coldstart.csv")
     with open(csv, "w") as f:

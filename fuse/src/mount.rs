@@ -188,10 +188,17 @@ impl Mount {
     /// Detaches the mount and waits for the session to end. If something (an overlay
     /// mount, an open file) still uses the filesystem, it stays served until released.
     pub fn unmount(mut self) -> Result<(), Error> {
-        self.shutdown()
+        self.shutdown(true)
     }
 
-    fn shutdown(&mut self) -> Result<(), Error> {
+    /// Detaches the mount without waiting: users of the filesystem (overlays over it,
+    /// open files) keep being served until they let go, and then the session ends by
+    /// itself. Unlazy uses this once the layer has become a plain directory.
+    pub fn detach(mut self) -> Result<(), Error> {
+        self.shutdown(false)
+    }
+
+    fn shutdown(&mut self, wait: bool) -> Result<(), Error> {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
@@ -202,6 +209,10 @@ impl Mount {
         if still_ours {
             nix::mount::umount2(&self.mountpoint, MntFlags::MNT_DETACH)
                 .map_err(|e| self.unmount_error(e.into()))?;
+        }
+        if !wait {
+            info!(mountpoint = %self.mountpoint.display(), "detached");
+            return Ok(());
         }
         let deadline = Instant::now() + JOIN_TIMEOUT;
         while !session.guard.is_finished() && Instant::now() < deadline {
@@ -231,7 +242,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
+        if let Err(e) = self.shutdown(true) {
             warn!("{e}");
         }
     }

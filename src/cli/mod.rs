@@ -4,6 +4,7 @@ pub mod layer;
 pub mod mount;
 pub mod serve;
 pub mod status;
+pub mod unlazy;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Show the running daemon's snapshots and mounted layers with fetch progress.
     Status(status::StatusArgs),
+    /// Turn remote layers (one snapshot, or every remote layer of an image) into
+    /// plain directories, through the running daemon.
+    Unlazy(unlazy::UnlazyArgs),
 }
 
 /// Runs the parsed command.
@@ -37,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::Unlazy(a) => unlazy::run(a),
     }
 }

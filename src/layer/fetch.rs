@@ -157,7 +157,16 @@ fn fetch_owned(
         }
     }
     let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
+    let started = std::time::Instant::now();
     let fetched = layer.read_ranges(&ranges);
+    tracing::debug!(
+        layer = layer.name(),
+        ranges = ranges.len(),
+        bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+        first = ranges.first().map_or(0, |r| r.start),
+        ms = started.elapsed().as_millis() as u64,
+        "fetched"
+    );
     let fetched = match fetched {
         Ok(f) if f.len() == ranges.len() => f,
         Ok(_) => {

@@ -37,6 +37,8 @@ pub struct Config {
     /// Mount eStargz / zstd:chunked layers lazily; `false` makes every Prepare an
     /// ordinary one (containerd then pulls and unpacks as with overlayfs).
     pub lazy: bool,
+    /// When remote layers become plain directories on their own (`[unlazy]`).
+    pub unlazy: crate::snapshot::UnlazyPolicy,
 }
 
 /// FUSE settings (`[fuse]`).
@@ -89,6 +91,7 @@ impl Default for Config {
             registry: lazysnap_registry::RegistryConfig::default(),
             fuse: FuseConfig::default(),
             lazy: true,
+            unlazy: crate::snapshot::UnlazyPolicy::default(),
         }
     }
 }
@@ -149,6 +152,7 @@ impl Config {
                 p.display()
             ));
         }
+        self.unlazy.validate().map_err(|e| e.to_string())?;
         if self.status_socket() == self.socket {
             return Err("status_socket must differ from socket".into());
         }

@@ -93,11 +93,14 @@ pub async fn serve(
 ) -> Result<()> {
     config.validate().map_err(Error::InvalidArgument)?;
     let root = config.root.clone();
+    let policy = config.unlazy.clone();
     let metrics = Arc::new(Metrics::new(remote.as_deref()));
     let snapshotter = tokio::task::spawn_blocking(move || -> Result<Arc<Snapshotter>> {
-        let s = Snapshotter::open(&root, remote)?;
+        let s = Snapshotter::open(&root, remote)?.with_policy(policy);
         s.restore()?;
-        Ok(Arc::new(s))
+        let s = Arc::new(s);
+        s.start_policies();
+        Ok(s)
     })
     .await
     .map_err(|e| Error::Store(format!("start-up task: {e}")))??;

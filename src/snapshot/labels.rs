@@ -14,10 +14,27 @@ pub const REMOTE_VALUE: &str = "remote snapshot";
 pub const CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 /// CRI's layer digest.
 pub const CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+/// CRI's list of this layer and the image's following ones (comma-separated, cut
+/// to the label size limit).
+pub const CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
+/// stargz-aware pullers' list of this and the following layers.
+pub const STARGZ_LAYERS: &str = "containerd.io/snapshot/remote/stargz.layers";
 /// stargz-aware pullers' image reference.
 pub const STARGZ_REFERENCE: &str = "containerd.io/snapshot/remote/stargz.reference";
 /// stargz-aware pullers' layer digest.
 pub const STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+
+/// Set with Update (any value but `false`) to ask for the snapshot to be unlazied.
+/// It carries containerd's `containerd.io/snapshot/` prefix, which containerd's
+/// metadata layer forwards to the snapshotter; it is never stored.
+pub const UNLAZY: &str = "containerd.io/snapshot/lazysnap.unlazy";
+
+/// Whether the labels ask for unlazy.
+pub fn asks_unlazy(labels: &Labels) -> bool {
+    labels
+        .get(UNLAZY)
+        .is_some_and(|v| !v.is_empty() && v != "false")
+}
 
 /// containerd's cap on `len(key) + len(value)` (labels/validate.go).
 pub const MAX_LABEL_SIZE: usize = 4096;

@@ -15,8 +15,12 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::labels::{CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_REFERENCE};
-use super::remote::RemoteFs;
+use super::apply::{ApplyStats, apply_layer};
+use super::labels::{
+    CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, STARGZ_DIGEST, STARGZ_LAYERS,
+    STARGZ_REFERENCE,
+};
+use super::remote::{Progress, RemoteFs};
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::error::{Error, Result};
 use crate::format::{ANNOTATION_TOC_DIGEST, OpenOptions};
@@ -27,6 +31,9 @@ use crate::layer::{LayerConfig, RegistryBlob, RemoteLayer, image};
 /// Layer descriptor annotations containerd forwards as labels (prefix
 /// `containerd.io/snapshot/`): the eStargz TOC digest.
 const LABEL_TOC_DIGEST: &str = ANNOTATION_TOC_DIGEST;
+
+/// How long a layer opened ahead waits for its Prepare.
+const AHEAD_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 struct Mounted {
     fuse: Option<lazysnap_fuse::Mount>,
@@ -45,6 +52,10 @@ struct Inner {
     workers: Arc<Workers>,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     layers: Mutex<HashMap<String, Weak<RemoteLayer>>>,
+    /// Layers opened ahead of their Prepare, held until it comes (or for a while).
+    ahead: Mutex<HashMap<String, (Arc<RemoteLayer>, std::time::Instant)>>,
+    /// One open at a time per digest.
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     images: Mutex<HashMap<String, Arc<Image>>>,
 }
 
@@ -77,6 +88,8 @@ impl LazyFs {
             workers: Workers::new(16, "lazysnap-read"),
             mounts: Mutex::new(HashMap::new()),
             layers: Mutex::new(HashMap::new()),
+            ahead: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
         });
         Ok(LazyFs {
@@ -151,15 +164,51 @@ impl Inner {
             .ok_or_else(|| Error::InvalidArgument("labels name no image reference".into()))?;
         let digest = label(labels, &[CRI_LAYER_DIGEST, STARGZ_DIGEST])
             .ok_or_else(|| Error::InvalidArgument("labels name no layer digest".into()))?;
+        let layer = self.open_layer(reference, digest, labels.get(LABEL_TOC_DIGEST))?;
+        Ok((layer, reference.to_string(), digest.to_string()))
+    }
+
+    /// Opens a layer once: concurrent opens of one digest wait for the first, and a
+    /// layer opened ahead (or still mounted) is shared.
+    fn open_layer(
+        &self,
+        reference: &str,
+        digest: &str,
+        toc_label: Option<&String>,
+    ) -> Result<Arc<RemoteLayer>> {
+        let gate = lock(&self.opening)
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _one = lock(&gate);
+            self.open_locked(reference, digest, toc_label)
+        };
+        let mut opening = lock(&self.opening);
+        if Arc::strong_count(&gate) == 2 {
+            opening.remove(digest);
+        }
+        result
+    }
+
+    fn open_locked(
+        &self,
+        reference: &str,
+        digest: &str,
+        toc_label: Option<&String>,
+    ) -> Result<Arc<RemoteLayer>> {
+        if let Some((l, _)) = lock(&self.ahead).remove(digest) {
+            return Ok(l);
+        }
         if let Some(l) = lock(&self.layers).get(digest).and_then(Weak::upgrade) {
-            return Ok((l, reference.to_string(), digest.to_string()));
+            return Ok(l);
         }
         let r = Reference::parse(reference).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let d = RegDigest::parse(digest).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         // The TOC digest comes from the forwarded annotation label when the image
         // carries it; otherwise (zstd:chunked annotations are not forwarded) from the
         // layer descriptor in the image manifest.
-        let (opts, blob) = match labels.get(LABEL_TOC_DIGEST) {
+        let (opts, blob) = match toc_label {
             Some(toc) => {
                 let mut ann = std::collections::BTreeMap::new();
                 ann.insert(ANNOTATION_TOC_DIGEST.to_string(), toc.clone());
@@ -200,7 +249,56 @@ impl Inner {
             self.cfg.clone(),
         )?;
         lock(&self.layers).insert(digest.to_string(), Arc::downgrade(&layer));
-        Ok((layer, reference.to_string(), digest.to_string()))
+        Ok(layer)
+    }
+
+    /// Opens the image's following layers (the layers label lists them) in the
+    /// background and prefetches them, so that the Prepares containerd sends next
+    /// find their TOCs, and prioritized files, already fetched.
+    fn open_ahead(
+        self: &Arc<Self>,
+        reference: &str,
+        current: &str,
+        labels: &HashMap<String, String>,
+    ) {
+        let Some(list) = label(labels, &[CRI_IMAGE_LAYERS, STARGZ_LAYERS]) else {
+            return;
+        };
+        {
+            let mut ahead = lock(&self.ahead);
+            ahead.retain(|_, (_, at)| at.elapsed() < AHEAD_TTL);
+        }
+        for d in list
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty() && *d != current)
+        {
+            let known = lock(&self.ahead).contains_key(d)
+                || lock(&self.opening).contains_key(d)
+                || lock(&self.layers)
+                    .get(d)
+                    .is_some_and(|w| w.strong_count() > 0);
+            if known {
+                continue;
+            }
+            let (inner, reference, d) = (self.clone(), reference.to_string(), d.to_string());
+            let spawned = std::thread::Builder::new()
+                .name("lazysnap-ahead".into())
+                .spawn(move || match inner.open_layer(&reference, &d, None) {
+                    Ok(layer) => {
+                        lock(&inner.ahead)
+                            .insert(d.clone(), (layer.clone(), std::time::Instant::now()));
+                        if let Err(e) = layer.prefetch() {
+                            tracing::debug!(layer = %d, error = %e, "prefetch ahead failed");
+                        }
+                    }
+                    Err(e) => tracing::debug!(layer = %d, error = %e, "not opened ahead"),
+                });
+            if let Err(e) = spawned {
+                tracing::debug!(error = %e, "cannot open layers ahead");
+                return;
+            }
+        }
     }
 }
 
@@ -211,6 +309,7 @@ impl RemoteFs for LazyFs {
         let labels = labels.clone();
         off_runtime(move || {
             let (layer, reference, digest) = inner.open(&labels)?;
+            inner.open_ahead(&reference, &digest, &labels);
             let fuse = mount_layer(
                 layer.clone(),
                 &mp,
@@ -286,6 +385,53 @@ impl RemoteFs for LazyFs {
             let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
         }
         Ok(())
+    }
+
+    fn materialize(
+        &self,
+        mountpoint: &Path,
+        labels: &HashMap<String, String>,
+        dest: &Path,
+    ) -> Result<ApplyStats> {
+        let mounted = lock(&self.inner.mounts)
+            .get(mountpoint)
+            .map(|m| m.layer.clone());
+        let inner = self.inner.clone();
+        let labels = labels.clone();
+        let dest = dest.to_path_buf();
+        off_runtime(move || {
+            let layer = match mounted {
+                Some(l) => l,
+                None => inner.open(&labels)?.0,
+            };
+            apply_layer(&layer, &dest)
+        })
+    }
+
+    fn detach(&self, mountpoint: &Path) -> Result<()> {
+        let m = lock(&self.inner.mounts).remove(mountpoint);
+        let Some(mut m) = m else {
+            return self.unmount(mountpoint);
+        };
+        m.stop.store(true, Ordering::Relaxed);
+        if let Some(f) = m.fuse.take() {
+            f.detach().map_err(|e| {
+                Error::io(
+                    format!("{}: detach", mountpoint.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn progress(&self, mountpoint: &Path) -> Option<Progress> {
+        let s = lock(&self.inner.mounts).get(mountpoint)?.layer.stats();
+        Some(Progress {
+            bytes_total: s.bytes_total,
+            bytes_cached: s.bytes_cached,
+            bytes_served: s.served_bytes,
+        })
     }
 
     fn status(&self) -> Vec<serde_json::Value> {

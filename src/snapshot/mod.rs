@@ -8,6 +8,7 @@ pub mod filter;
 pub mod labels;
 pub mod lazyfs;
 pub mod mounts;
+pub mod policy;
 pub mod remote;
 mod restore;
 pub mod snapshotter;
@@ -20,8 +21,10 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+pub use apply::ApplyStats;
 pub use mounts::Mount;
-pub use remote::RemoteFs;
+pub use policy::UnlazyPolicy;
+pub use remote::{Progress, RemoteFs};
 pub use snapshotter::{Counts, Snapshotter};
 
 /// Snapshot labels, sorted so that listings are stable.

@@ -10,21 +10,23 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use tracing::{info, warn};
 
 use super::filter::Filter;
-use super::labels::{self, TARGET_REF};
+use super::labels::{self, TARGET_REF, UNLAZY};
 use super::mounts::{self, Layout, Mount};
 use super::remote::RemoteFs;
 use super::store::{Query, Snapshot, Store};
 use super::usage::disk_usage;
-use super::{Info, Kind, Labels, SnapshotId, Usage, restore};
+use super::{Info, Kind, Labels, SnapshotId, UnlazyPolicy, Usage, restore};
 use crate::error::{Error, IoContext, Result};
 
 mod remote_prepare;
+mod unlazy;
 
 /// How many snapshots of each kind exist (for `status` and metrics).
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -45,8 +47,12 @@ pub struct Snapshotter {
     store: Store,
     remote: Option<Arc<dyn RemoteFs>>,
     index_off: bool,
-    /// One lock per remote target, so concurrent Prepares of a layer share one mount.
+    /// One lock per remote target, so concurrent Prepares of a layer share one mount
+    /// (and one per snapshot being unlazied).
     targets: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    policy: UnlazyPolicy,
+    /// Set by [`Snapshotter::close`]; the policy watcher stops.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -90,7 +96,15 @@ impl Snapshotter {
             remote,
             index_off: mounts::overlay_index_param(),
             targets: Mutex::new(HashMap::new()),
+            policy: UnlazyPolicy::default(),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// Sets the unlazy policies (before serving).
+    pub fn with_policy(mut self, policy: UnlazyPolicy) -> Snapshotter {
+        self.policy = policy;
+        self
     }
 
     /// The directory layout.
@@ -119,6 +133,9 @@ impl Snapshotter {
             && labels::identifies_layer(&labels)
         {
             return self.prepare_remote(key, parent, labels, &target, remote.as_ref());
+        }
+        if self.policy.on_prepare && !parent.is_empty() && !labels.contains_key(TARGET_REF) {
+            self.unlazy_parents(parent);
         }
         let snap = self.create(Kind::Active, key, parent, labels)?;
         self.new_mounts(key, &snap)
@@ -176,10 +193,30 @@ impl Snapshotter {
         self.store.read(|tx| tx.info(key))
     }
 
-    /// Updates labels (field paths `labels`, `labels.<k>`).
+    /// Updates labels (field paths `labels`, `labels.<k>`). Setting the
+    /// [`UNLAZY`] label asks for the snapshot to be unlazied; it is not stored.
     pub fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Info> {
         labels::validate(&info.labels)?;
-        self.store.write(|tx| tx.update(info, fieldpaths))
+        let asked = labels::asks_unlazy(&info.labels)
+            && (fieldpaths.is_empty()
+                || fieldpaths
+                    .iter()
+                    .any(|p| p == "labels" || p.strip_prefix("labels.") == Some(UNLAZY)));
+        let mut info = info.clone();
+        info.labels.remove(UNLAZY);
+        let paths: Vec<String> = fieldpaths
+            .iter()
+            .filter(|p| p.strip_prefix("labels.") != Some(UNLAZY))
+            .cloned()
+            .collect();
+        if asked {
+            self.unlazy(&info.name)?;
+        }
+        if paths.is_empty() && !fieldpaths.is_empty() {
+            // only the unlazy label was named
+            return self.stat(&info.name);
+        }
+        self.store.write(|tx| tx.update(&info, &paths))
     }
 
     /// Disk usage: measured now for active snapshots, stored at commit otherwise.
@@ -247,6 +284,7 @@ impl Snapshotter {
             }
         }
         self.cleanup()?;
+        self.recover_unlazy()?;
         let records = self.store.read(|tx| tx.records())?;
         for (key, rec) in records.iter().filter(|(_, r)| labels::is_remote(&r.labels)) {
             let fs_dir = self.layout.fs(rec.id);
@@ -272,6 +310,7 @@ impl Snapshotter {
 
     /// Clean shutdown: unmounts every remote snapshot (they are mounted again at start).
     pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         let Some(remote) = &self.remote else { return };
         let records = match self.store.read(|tx| tx.records()) {
             Ok(r) => r,

@@ -411,6 +411,26 @@ impl WriteTx {
         Ok(rec)
     }
 
+    /// Turns the committed remote snapshot `key` (directory `id`) into a local one
+    /// after unlazy: the remote label goes, the usage of the extracted directory is
+    /// recorded. Fails if the snapshot was replaced or is no longer remote.
+    pub fn make_local(&self, key: &str, id: SnapshotId, usage: Usage) -> Result<()> {
+        let mut rec = self.get(key)?;
+        if rec.id != id || rec.kind != Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} was replaced while it was being unlazied"
+            )));
+        }
+        if rec.labels.remove(super::labels::REMOTE).is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key} is no longer a remote snapshot"
+            )));
+        }
+        rec.usage = usage;
+        rec.updated = now();
+        self.put(key, &rec)
+    }
+
     /// Updates labels as bolt's `UpdateInfo`: field paths `labels` (replace all) and
     /// `labels.<k>` (set or, when the new value is missing or empty, delete one); no
     /// paths replaces the labels. Empty values are never stored.

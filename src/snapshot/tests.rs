@@ -300,6 +300,28 @@ impl RemoteFs for Fake {
         Ok(())
     }
 
+    fn materialize(
+        &self,
+        mp: &Path,
+        _: &HashMap<String, String>,
+        dest: &Path,
+    ) -> Result<crate::snapshot::ApplyStats> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(Error::Fetch {
+                blob: mp.display().to_string(),
+                reason: "registry down".into(),
+            });
+        }
+        let n =
+            fs::copy(mp.join("marker"), dest.join("marker")).map_err(|e| Error::io("copy", e))?;
+        Ok(crate::snapshot::ApplyStats {
+            entries: 1,
+            files: 1,
+            bytes: n,
+            whiteouts: 0,
+        })
+    }
+
     fn unmount(&self, mp: &Path) -> Result<()> {
         let _ = fs::remove_file(mp.join("marker"));
         if self.mounted.lock().unwrap().remove(mp) {
@@ -459,3 +481,5 @@ fn restore_remounts_and_close_unmounts() {
     assert!(t.path().join("snapshots/1/fs/marker").is_file());
     s.view("v", "sha256:l1", Labels::new()).unwrap();
 }
+
+mod unlazy;

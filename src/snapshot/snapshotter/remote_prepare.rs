@@ -3,8 +3,6 @@
 //! name, answer AlreadyExists; one Prepare per target at a time, so concurrent
 //! Prepares of a layer share one mount.
 
-use std::sync::Arc;
-
 use tracing::{debug, info, warn};
 
 use super::{Snapshotter, to_map};
@@ -22,18 +20,12 @@ impl Snapshotter {
         target: &str,
         remote: &dyn RemoteFs,
     ) -> Result<Vec<Mount>> {
-        let lock = {
-            let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-            targets.entry(target.to_string()).or_default().clone()
-        };
+        let lock = self.key_lock(target);
         let result = {
             let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
             self.prepare_remote_locked(key, parent, labels, target, remote)
         };
-        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&lock) == 2 {
-            targets.remove(target);
-        }
+        self.release_key_lock(target, lock);
         result
     }
 
