@@ -450,14 +450,15 @@ def one_run(work, proxy, mode, image, wl, peer, bench_cfg):
         else:
             sh([CTR_REMOTE, "-a", stack.csock, "-n", NS, "image", "rpull", "--plain-http", "--snapshotter", snap, ref])
         t1 = time.monotonic()
-        stack.ctr("container", "create", "--snapshotter", snap, "--net-host", ref, "w")
+        cid = f"w{os.getpid()}-{int(time.time() * 1000)}"
+        stack.ctr("container", "create", "--snapshotter", snap, "--net-host", ref, cid)
         t2 = time.monotonic()
-        out = stack.ctr("task", "start", "w").stdout
+        out = stack.ctr("task", "start", cid).stdout
         t3 = time.monotonic()
         if wl["expect"] not in out:
             raise RuntimeError(f"{image} in {mode}: unexpected output {out[-300:]!r}")
         transferred = proxy.down_bytes() - before
-        stack.ctr("container", "delete", "w")
+        stack.ctr("container", "delete", cid)
         return {"pull": t1 - t0, "create": t2 - t1, "run": t3 - t2, "total": t3 - t0, "bytes": transferred}
     finally:
         stack.stop()

@@ -210,6 +210,13 @@ impl ChunkCache {
         self.put_mem(key, data);
     }
 
+    /// Stores a verified chunk in memory only: unlazy's chunks, which readers of
+    /// the layer may still want while the layer is being written out, but which
+    /// need no second copy on disk.
+    pub fn insert_memory(&self, key: CacheKey, data: Bytes) {
+        self.put_mem(key, data);
+    }
+
     fn put_mem(&self, key: CacheKey, data: Bytes) {
         if data.len() as u64 > self.mem_limit {
             return;

@@ -2,11 +2,9 @@
 //! the cache, missing ones fetched in runs of adjacent ranges several requests at a
 //! time, decompressed and verified on all cores, and handed to a sink as they come.
 
-use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use bytes::Bytes;
 use rayon::prelude::*;
 
 use super::{RemoteLayer, fetch};
@@ -94,46 +92,18 @@ impl RemoteLayer {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut ranges: Vec<Range<u64>> = Vec::new();
-        let mut at: Vec<usize> = Vec::with_capacity(missing.len());
-        for &i in &missing {
-            let c = &all[i];
-            match ranges.last_mut() {
-                Some(r) if c.compressed_offset <= r.end => r.end = r.end.max(c.compressed_end),
-                _ => ranges.push(c.compressed_offset..c.compressed_end),
-            }
-            at.push(ranges.len() - 1);
-        }
-        let fetched: Vec<Bytes> = self.read_ranges(&ranges)?;
-        if fetched.len() != ranges.len() {
-            return Err(Error::Fetch {
-                blob: self.name().to_string(),
-                reason: "registry returned the wrong number of ranges".into(),
-            });
-        }
+        // through the shared fetch path, so that a reader wanting one of these
+        // chunks meanwhile waits for this fetch instead of fetching it again
+        let data = fetch::get(self, &missing, RUN_BYTES, false)?;
         missing
             .par_iter()
-            .zip(at.par_iter())
-            .try_for_each(|(&i, &r)| {
-                let c = &all[i];
-                let range = &ranges[r];
-                let z = fetched[r]
-                    .get(
-                        (c.compressed_offset - range.start) as usize
-                            ..(c.compressed_end - range.start) as usize,
-                    )
-                    .ok_or_else(|| Error::Fetch {
-                        blob: self.name().to_string(),
-                        reason: format!("short range {}..{}", range.start, range.end),
-                    })?;
-                let data = fetch::decode(self, c, z).map_err(|e| self.name_chunk(e, i))?;
-                sink(i, &data)
-            })
+            .zip(data.par_iter())
+            .try_for_each(|(&i, d)| sink(i, d))
     }
 
     /// Names the file of global chunk `i` in a chunk error (walks the index; errors
     /// only).
-    fn name_chunk(&self, e: Error, i: usize) -> Error {
+    pub(super) fn name_chunk(&self, e: Error, i: usize) -> Error {
         let owner =
             (0..self.index.node_count() as u32).find(|&id| self.index.chunk_span(id).contains(&i));
         match owner.and_then(|id| self.index.path_of(id)) {

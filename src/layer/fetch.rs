@@ -85,7 +85,15 @@ impl Drop for Owned<'_> {
     }
 }
 
-pub(super) fn get(layer: &RemoteLayer, idxs: &[usize], max_span: u64) -> Result<Vec<Bytes>> {
+/// The chunks `idxs`, from the cache, from a fetch in progress, or fetched now.
+/// `keep` puts what is fetched into the cache; without it (unlazy: the layer is
+/// being made local) only into its memory part, for readers racing the unlazy.
+pub(super) fn get(
+    layer: &RemoteLayer,
+    idxs: &[usize],
+    max_span: u64,
+    keep: bool,
+) -> Result<Vec<Bytes>> {
     let all = layer.index.all_chunks();
     let mut out: Vec<Option<Bytes>> = vec![None; idxs.len()];
     let mut owned = Owned {
@@ -119,7 +127,7 @@ pub(super) fn get(layer: &RemoteLayer, idxs: &[usize], max_span: u64) -> Result<
         }
     }
     if !owned.items.is_empty() {
-        fetch_owned(layer, &owned.items, max_span, &mut out)?;
+        fetch_owned(layer, &owned.items, max_span, keep, &mut out)?;
     }
     for (k, f) in waits {
         let c = &all[idxs[k]];
@@ -137,6 +145,7 @@ fn fetch_owned(
     layer: &RemoteLayer,
     items: &[(usize, usize, Arc<Inflight>)],
     max_span: u64,
+    keep: bool,
     out: &mut [Option<Bytes>],
 ) -> Result<()> {
     let all = layer.index.all_chunks();
@@ -206,15 +215,19 @@ fn fetch_owned(
             let c = &all[*i];
             match r {
                 Ok(data) => {
-                    layer.cache.insert(layer.key(c), data.clone());
-                    layer.mark_cached(*i);
+                    if keep {
+                        layer.cache.insert(layer.key(c), data.clone());
+                        layer.mark_cached(*i);
+                    } else {
+                        layer.cache.insert_memory(layer.key(c), data.clone());
+                    }
                     f.finish(Ok(data.clone()));
                     out[*k] = Some(data);
                 }
                 Err(e) => {
                     tracing::error!(layer = layer.name(), error = %e, "chunk rejected");
                     f.finish(Err(e.to_string()));
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert_with(|| layer.name_chunk(e, *i));
                 }
             }
         }

@@ -440,7 +440,7 @@ impl RemoteLayer {
     /// Gets chunks by global index: cache, or one fetch per run of adjacent
     /// chunks (runs of at most `max_span` bytes), shared with concurrent callers.
     fn chunks(&self, idxs: &[usize], max_span: u64) -> Result<Vec<Bytes>> {
-        fetch::get(self, idxs, max_span)
+        fetch::get(self, idxs, max_span, true)
     }
 
     /// Fetches everything before the `.prefetch.landmark` in one request, or the
