@@ -14,7 +14,7 @@ use super::names::{Name, classify, link_target};
 use super::target::{At, Attrs, Target, finish_file, write_sparse};
 use crate::error::{Error, Result};
 use crate::format::input::InputCompression;
-use crate::format::tarhdr::{BLOCK, Extensions, Header, Kind, Meta};
+use crate::format::tarhdr::{BLOCK, Extensions, Header, Kind, Meta, at};
 
 /// Size of one decompressed buffer handed to the writer.
 const BUF: usize = 1 << 20;
@@ -201,13 +201,6 @@ impl Feed {
 
 fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
-}
-
-fn at(pos: u64, e: Error) -> Error {
-    match e {
-        Error::Tar(s) => Error::Tar(format!("offset {pos}: {s}")),
-        e => e,
-    }
 }
 
 fn extract(mut feed: Feed, t: &mut Target, fin: &Finishers) -> Result<ApplyStats> {
