@@ -895,6 +895,19 @@ fn garbage_fails() {
 }
 
 #[test]
+fn out_of_range_owners_fail_naming_the_file() {
+    let s = Sentinel::new();
+    for (name, data) in [("small", vec![1u8; 10]), ("large", vec![2u8; 1 << 20])] {
+        let mut t = Corpus::new();
+        t.file("first", 0o644, &ROOT, b"fine");
+        t.pax(&[("uid", b"4294967296")]);
+        t.file(name, 0o644, &ROOT, &data);
+        let e = err_of(s.apply(&t.finish()));
+        assert!(e.contains(name) && e.contains("out of range"), "{e}");
+    }
+}
+
+#[test]
 fn a_file_as_parent_is_an_error() {
     use tar::EntryType::Regular;
     let s = Sentinel::new();

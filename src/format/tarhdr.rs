@@ -444,7 +444,7 @@ impl Extensions {
 }
 
 /// Names the archive offset in a tar error.
-fn at(pos: u64, e: Error) -> Error {
+pub fn at(pos: u64, e: Error) -> Error {
     match e {
         Error::Tar(s) => Error::Tar(format!("offset {pos}: {s}")),
         e => e,

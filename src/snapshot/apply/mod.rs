@@ -11,6 +11,7 @@
 //! sequentially (decompression on its own thread), [`apply_layer`] takes metadata from
 //! a lazy layer's TOC index and file bytes from its chunks, fetched in parallel.
 
+mod finish;
 mod indexed;
 mod names;
 mod stream;

@@ -9,16 +9,24 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use nix::sys::stat::SFlag;
 
 use super::ApplyStats;
+use super::finish::{Finishers, Job};
 use super::names::{Name, classify, link_target};
 use super::target::{At, Attrs, Target, finish_file, write_sparse};
 use crate::error::{Error, Result};
 use crate::format::input::InputCompression;
-use crate::format::tarhdr::{BLOCK, Extensions, Header, Kind, Meta};
+use crate::format::tarhdr::{BLOCK, Extensions, Header, Kind, Meta, at};
 
 /// Size of one decompressed buffer handed to the writer.
 const BUF: usize = 1 << 20;
 /// Buffers decompressed ahead of the writer.
 const AHEAD: usize = 4;
+/// Files up to this size are finished on other threads.
+const SMALL: u64 = 64 << 10;
+/// Threads finishing small files: the cores left by this one (the decompressing
+/// thread mostly waits on small-file layers), at most 3.
+fn finishers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).clamp(1, 3))
+}
 
 type Chunk = io::Result<Vec<u8>>;
 
@@ -39,12 +47,14 @@ pub fn apply(blob: impl Read + Send, dest: &Path) -> Result<ApplyStats> {
             pos: 0,
             offset: 0,
         };
+        let finishers = Finishers::start(s, finishers())?;
         // the feed is dropped on return, which stops the producer early on errors
-        let r = extract(feed, &mut target);
+        let r = extract(feed, &mut target, &finishers);
+        let finished = finishers.finish();
         if producer.join().is_err() {
             return Err(Error::Tar("the decompression thread panicked".into()));
         }
-        r
+        r.and_then(|stats| finished.map(|()| stats))
     })?;
     target.finish()?;
     Ok(stats)
@@ -193,14 +203,7 @@ fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
 }
 
-fn at(pos: u64, e: Error) -> Error {
-    match e {
-        Error::Tar(s) => Error::Tar(format!("offset {pos}: {s}")),
-        e => e,
-    }
-}
-
-fn extract(mut feed: Feed, t: &mut Target) -> Result<ApplyStats> {
+fn extract(mut feed: Feed, t: &mut Target, fin: &Finishers) -> Result<ApplyStats> {
     let mut stats = ApplyStats::default();
     let mut ext = Extensions::default();
     let mut pending = false;
@@ -235,12 +238,13 @@ fn extract(mut feed: Feed, t: &mut Target) -> Result<ApplyStats> {
         let (meta, payload) = ext.entry(&h).map_err(|e| at(pos, e))?;
         pending = false;
         stats.entries += 1;
-        let used = entry(t, &mut feed, &meta, payload, &mut stats)?;
-        feed.skip(padded(payload) - used, &meta.name)?;
+        let name = meta.name.clone();
+        let used = entry(t, &mut feed, fin, meta, payload, &mut stats)?;
+        feed.skip(padded(payload) - used, &name)?;
     }
 }
 
-fn attrs(m: &Meta) -> Result<Attrs<'_>> {
+pub(super) fn attrs(m: &Meta) -> Result<Attrs<'_>> {
     let id = |v: i64, what: &str| {
         u32::try_from(v).map_err(|_| Error::Tar(format!("{}: {what} {v} is out of range", m.name)))
     };
@@ -261,10 +265,12 @@ fn attrs(m: &Meta) -> Result<Attrs<'_>> {
 fn entry(
     t: &mut Target,
     feed: &mut Feed,
-    m: &Meta,
+    fin: &Finishers,
+    meta: Meta,
     payload: u64,
     stats: &mut ApplyStats,
 ) -> Result<u64> {
+    let m = &meta;
     let name = m.name.as_str();
     let (class, implicit) = classify(name)?;
     let (kind, a) = match implicit {
@@ -308,6 +314,18 @@ fn entry(
             };
             match kind {
                 Kind::Dir => t.dir(&at, &a)?,
+                Kind::Reg if payload <= SMALL => {
+                    let file = t.file(&at)?;
+                    let mut data = Vec::with_capacity(payload as usize);
+                    feed.take(payload, name, |b| {
+                        data.extend_from_slice(b);
+                        Ok(())
+                    })?;
+                    stats.files += 1;
+                    stats.bytes += m.size;
+                    fin.send(Job { file, data, meta })?;
+                    return Ok(payload);
+                }
                 Kind::Reg => {
                     let f = t.file(&at)?;
                     let (mut off, mut end) = (0u64, 0u64);
