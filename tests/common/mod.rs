@@ -7,6 +7,7 @@
 
 pub mod lazy;
 pub mod registry;
+pub mod remote;
 
 use lazysnap::format::writer::{WriteOptions, WriteResult, write_layer};
 
