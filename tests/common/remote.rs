@@ -69,8 +69,9 @@ impl RemoteImage {
     }
 }
 
-/// A tar of `count` incompressible files of `size` bytes in two directories; `seed`
-/// makes every layer's content (and so every chunk digest) distinct.
+/// A tar of `count` incompressible files of about `size` bytes in two directories,
+/// named `{a,b}/f<i>-<seed>.bin`; `seed` makes every layer's content (and so every
+/// chunk digest, and every path) distinct.
 pub fn random_files_tar(seed: u64, count: usize, size: usize) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let mut b = tar::Builder::new(Vec::new());
     let mut files = Vec::new();
@@ -83,7 +84,7 @@ pub fn random_files_tar(seed: u64, count: usize, size: usize) -> (Vec<u8>, Vec<(
         b.append_data(&mut h, d, std::io::empty()).expect("dir");
     }
     for i in 0..count {
-        let path = format!("{}/f{i}.bin", if i % 2 == 0 { "a" } else { "b" });
+        let path = format!("{}/f{i}-{seed}.bin", if i % 2 == 0 { "a" } else { "b" });
         // sizes vary a little so that files end at different chunk offsets
         let data = super::prng_bytes(seed * 1000 + i as u64, size - (i * 997) % (size / 4));
         let mut h = tar::Header::new_ustar();

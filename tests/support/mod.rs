@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fake_remote;
+pub mod fault_proxy;
 pub mod image;
 pub mod readers;
 pub mod snapshots;
