@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,12 +63,20 @@ impl DiskCache {
     pub fn open(dir: &Path, limit: u64) -> Result<Self> {
         for sub in ["tmp", "files"] {
             let tmp = dir.join(sub);
-            fs::create_dir_all(&tmp).ctx(|| format!("{}: cannot create cache", dir.display()))?;
+            // chunks hold image files whatever their modes: for root's eyes only (so
+            // are the directories created above the cache, the daemon's root say)
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&tmp)
+                .ctx(|| format!("{}: cannot create cache", dir.display()))?;
             for e in fs::read_dir(&tmp).ctx(|| format!("{}: cannot list", tmp.display()))? {
                 let e = e.ctx(|| format!("{}: cannot list", tmp.display()))?;
                 let _ = fs::remove_file(e.path());
             }
         }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("{}: cannot restrict the cache to its owner", dir.display()))?;
         let mut found: Vec<(CacheKey, u64, std::time::SystemTime)> = Vec::new();
         for kind in ["v", "u"] {
             let base = dir.join(kind);

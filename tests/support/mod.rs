@@ -154,11 +154,18 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub root: PathBuf,
     pub config: PathBuf,
+    rust_log: String,
 }
 
 impl Daemon {
-    /// Writes a config under `dir` and starts the daemon; waits until it accepts.
+    /// Writes a config under `dir` and starts the daemon (with lazysnap's debug
+    /// logs); waits until it accepts.
     pub fn start(dir: &Path, extra_config: &str) -> Daemon {
+        Self::start_logging(dir, extra_config, "lazysnap=debug")
+    }
+
+    /// As [`Daemon::start`], with `RUST_LOG=rust_log`.
+    pub fn start_logging(dir: &Path, extra_config: &str, rust_log: &str) -> Daemon {
         std::fs::create_dir_all(dir).expect("daemon dir");
         let socket = dir.join("lazysnap.sock");
         let root = dir.join("root");
@@ -178,6 +185,7 @@ impl Daemon {
             socket,
             root,
             config,
+            rust_log: rust_log.to_string(),
         };
         d.spawn();
         d
@@ -192,7 +200,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "lazysnap=debug")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
