@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-
 use lazysnap::Error;
 use lazysnap::format::footer;
 use lazysnap::format::writer::{WriteOptions, write_layer};
@@ -25,30 +23,6 @@ fn blob_of(tar: &[u8], format: Format) -> (Vec<u8>, String) {
 
 fn open(blob: Vec<u8>) -> Result<Layer<Vec<u8>>, Error> {
     Layer::open(blob, &OpenOptions::default())
-}
-
-/// An eStargz blob with `data` before a TOC member holding `json`.
-fn estargz_with_toc(data: &[u8], json: &str) -> Vec<u8> {
-    let mut member =
-        lazysnap::format::tarhdr::ustar_header("stargz.index.json", 0o644, json.len() as u64)
-            .unwrap()
-            .to_vec();
-    member.extend_from_slice(json.as_bytes());
-    member.resize(member.len().div_ceil(512) * 512 + 1024, 0);
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(&member).unwrap();
-    let z = enc.finish().unwrap();
-    let mut blob = data.to_vec();
-    let off = blob.len() as u64;
-    blob.extend_from_slice(&z);
-    blob.extend_from_slice(&footer::estargz_footer(off));
-    blob
-}
-
-fn gz(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    enc.write_all(data).unwrap();
-    enc.finish().unwrap()
 }
 
 fn err_text(r: Result<Layer<Vec<u8>>, Error>) -> String {
@@ -108,12 +82,16 @@ fn toc_offsets_past_the_end() {
 
 #[test]
 fn invalid_json_and_wrong_version() {
-    assert!(err_text(open(estargz_with_toc(b"", "{not json"))).contains("invalid JSON"));
+    assert!(err_text(open(common::estargz_with_toc(b"", "{not json"))).contains("invalid JSON"));
     assert!(
-        err_text(open(estargz_with_toc(b"", r#"{"version":2,"entries":[]}"#))).contains("version")
+        err_text(open(common::estargz_with_toc(
+            b"",
+            r#"{"version":2,"entries":[]}"#
+        )))
+        .contains("version")
     );
     assert!(
-        err_text(open(estargz_with_toc(
+        err_text(open(common::estargz_with_toc(
             b"",
             r#"{"version":1,"entries":[{"name":"a","type":"weird"}]}"#
         )))
@@ -125,20 +103,20 @@ fn invalid_json_and_wrong_version() {
 fn names_that_escape_are_rejected() {
     for name in ["../etc/passwd", "a/../../b", "/../x", "./.."] {
         let json = format!(r#"{{"version":1,"entries":[{{"name":"{name}","type":"dir"}}]}}"#);
-        let msg = err_text(open(estargz_with_toc(b"", &json)));
+        let msg = err_text(open(common::estargz_with_toc(b"", &json)));
         assert!(msg.contains("escapes"), "{name}: {msg}");
     }
     let json = r#"{"version":1,"entries":[{"name":"a","type":"reg"},{"name":"h","type":"hardlink","linkName":"../a"}]}"#;
-    assert!(err_text(open(estargz_with_toc(b"", json))).contains("escapes"));
+    assert!(err_text(open(common::estargz_with_toc(b"", json))).contains("escapes"));
     // absolute names stay inside the root
     let json = r#"{"version":1,"entries":[{"name":"/abs/dir","type":"dir"}]}"#;
-    let l = open(estargz_with_toc(b"", json)).unwrap();
+    let l = open(common::estargz_with_toc(b"", json)).unwrap();
     assert!(l.index().lookup_path("abs/dir").is_some());
 }
 
 #[test]
 fn overlapping_and_oversized_chunks() {
-    let data = gz(b"0123456789");
+    let data = common::gz(b"0123456789");
     let d = lazysnap::format::Digest::of(b"01234").to_string();
     // two chunks covering the same bytes
     let json = format!(
@@ -146,26 +124,26 @@ fn overlapping_and_oversized_chunks() {
     );
     let mut blob = vec![0u8];
     blob.extend_from_slice(&data);
-    let msg = err_text(open(estargz_with_toc(&blob, &json)));
+    let msg = err_text(open(common::estargz_with_toc(&blob, &json)));
     assert!(msg.contains("overlap"), "{msg}");
     // a size near u64::MAX
     let json = r#"{"version":1,"entries":[{"name":"f","type":"reg","size":9223372036854775807,"offset":1}]}"#;
-    let r = open(estargz_with_toc(&blob, json));
+    let r = open(common::estargz_with_toc(&blob, json));
     if let Ok(l) = r {
         let id = l.index().lookup_path("f").unwrap();
         let mut buf = [0u8; 16];
         assert!(l.read_at(id, "f", 0, &mut buf).is_err());
     }
     let json = r#"{"version":1,"entries":[{"name":"f","type":"reg","size":-5,"offset":1}]}"#;
-    assert!(err_text(open(estargz_with_toc(&blob, json))).contains("out of range"));
+    assert!(err_text(open(common::estargz_with_toc(&blob, json))).contains("out of range"));
     // chunk offset beyond the data
     let json = r#"{"version":1,"entries":[{"name":"f","type":"reg","size":10,"offset":999999}]}"#;
-    assert!(err_text(open(estargz_with_toc(&blob, json))).contains("past the data end"));
+    assert!(err_text(open(common::estargz_with_toc(&blob, json))).contains("past the data end"));
     // chunks that do not cover the file
     let json = format!(
         r#"{{"version":1,"entries":[{{"name":"f","type":"reg","size":10,"offset":1,"chunkSize":5,"chunkDigest":"{d}"}}]}}"#
     );
-    assert!(err_text(open(estargz_with_toc(&blob, &json))).contains("cover"));
+    assert!(err_text(open(common::estargz_with_toc(&blob, &json))).contains("cover"));
 }
 
 #[test]

@@ -158,3 +158,297 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Corpus replay and mutation fuzzing. Each target has committed seeds under
+// `tests/fuzz-corpus/<target>/`: `ok-*` seeds must be accepted, `err-*` seeds must be
+// rejected with an error, `any-*` seeds (hostile input) may go either way. Then
+// seeded mutations of the seeds (bit flips, interesting bytes, dictionary tokens,
+// deletions, duplications, splices) run for `FUZZ_SECONDS` (default 3) per target:
+// no input may panic. A panicking input is written to the target's temp dir.
+
+mod support;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lazysnap::service::Config;
+use lazysnap::snapshot::filter::Filter;
+
+/// A parser under fuzzing: `Ok` accepted, `Err(message)` rejected.
+struct FuzzTarget {
+    name: &'static str,
+    run: fn(&[u8]) -> Result<(), String>,
+    dict: &'static [&'static [u8]],
+}
+
+fn footer_target(b: &[u8]) -> Result<(), String> {
+    let tail = &b[b.len().saturating_sub(footer::MAX_FOOTER_SIZE as usize)..];
+    let loc = footer::parse(tail, b.len() as u64).map_err(|e| e.to_string())?;
+    let (start, end) = loc.range();
+    let region = usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(end).ok())
+        .and_then(|(s, e)| b.get(s..e))
+        .ok_or_else(|| format!("TOC range {start}..{end} outside the blob"))?;
+    let t = toc::read_toc(&loc, region).map_err(|e| e.to_string())?;
+    toc::parse_json(&t.json).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn toc_target(b: &[u8]) -> Result<(), String> {
+    let t = toc::parse_json(b).map_err(|e| e.to_string())?;
+    let idx = Index::build(&t, 1 << 20).map_err(|e| e.to_string())?;
+    for (_, id) in idx.walk() {
+        let _ = idx.chunks(id);
+        let _ = idx.chunk_at(id, 0);
+    }
+    // walks the whole tree: once is enough
+    let _ = idx.path_of(idx.node_count().saturating_sub(1) as u32);
+    // the inode tree a lazy mount serves
+    lazysnap::layer::mount::build_tree(&idx).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn filter_target(b: &[u8]) -> Result<(), String> {
+    let s = std::str::from_utf8(b).map_err(|e| e.to_string())?;
+    let f = Filter::parse(s).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now();
+    for (kind, labels) in [
+        (lazysnap::snapshot::Kind::Active, vec![]),
+        (
+            lazysnap::snapshot::Kind::Committed,
+            vec![("containerd.io/snapshot.ref", "sha256:abc"), ("foo", "")],
+        ),
+    ] {
+        let _ = f.matches(&lazysnap::snapshot::Info {
+            name: "default/1/extract-1 sha256:x".into(),
+            parent: "sha256:def".into(),
+            kind,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            created: now,
+            updated: now,
+        });
+    }
+    Ok(())
+}
+
+fn config_target(b: &[u8]) -> Result<(), String> {
+    let s = std::str::from_utf8(b).map_err(|e| e.to_string())?;
+    let c = Config::parse(s, "fuzz.toml").map_err(|e| {
+        let m = e.to_string();
+        assert!(m.contains("fuzz.toml"), "the error names the file: {m}");
+        m
+    })?;
+    let _ = (c.cache_config(), c.status_socket(), c.fuse.mount_options());
+    Ok(())
+}
+
+const TARGETS: &[FuzzTarget] = &[
+    FuzzTarget {
+        name: "footer",
+        run: footer_target,
+        dict: &[
+            b"\x1f\x8b\x08",
+            b"STARGZ",
+            b"\x50\x2a\x4d\x18",
+            b"\0\0\0\0",
+            b"\xff\xff\xff\xff",
+        ],
+    },
+    FuzzTarget {
+        name: "toc",
+        run: toc_target,
+        dict: &[
+            b"\"name\":\"",
+            b"\"type\":\"reg\"",
+            b"\"type\":\"hardlink\"",
+            b"\"type\":\"chunk\"",
+            b"\"type\":\"symlink\"",
+            b"\"linkName\":\"",
+            b"\"offset\":",
+            b"\"chunkOffset\":",
+            b"\"chunkSize\":",
+            b"\"size\":",
+            b"../",
+            b"/",
+            b"9223372036854775807",
+            b"-1",
+            b"\"xattrs\":{\"a\":\"",
+            b"{",
+            b"}",
+            b",",
+            b"\"",
+        ],
+    },
+    FuzzTarget {
+        name: "filter",
+        run: filter_target,
+        dict: &[
+            b"==", b"!=", b"~=", b"|", b",", b".", b"\"", b"\\", b"labels.", b"kind", b"name",
+            b"parent", b" ",
+        ],
+    },
+    FuzzTarget {
+        name: "config",
+        run: config_target,
+        dict: &[
+            b"[layer]\n",
+            b"[cache]\n",
+            b"[registry]\n",
+            b"[fuse]\n",
+            b" = ",
+            b"true",
+            b"\"",
+            b"\n",
+            b"-1",
+            b"18446744073709551615",
+            b"socket",
+            b"threads",
+            b"disk_limit",
+            b"\"127.0.0.1:1\"",
+            b"[[x]]",
+            b"{}",
+        ],
+    },
+];
+
+fn corpus_of(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz-corpus")
+        .join(target);
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn mutate(rng: &mut support::Rng, seeds: &[(String, Vec<u8>)], dict: &[&[u8]]) -> Vec<u8> {
+    let mut b = seeds[rng.below(seeds.len() as u64) as usize].1.clone();
+    for _ in 0..1 + rng.below(4) {
+        let at = |rng: &mut support::Rng, b: &Vec<u8>| rng.below(b.len() as u64 + 1) as usize;
+        match rng.below(8) {
+            0 if !b.is_empty() => {
+                let i = rng.below(b.len() as u64) as usize;
+                b[i] ^= 1 << rng.below(8);
+            }
+            1 if !b.is_empty() => {
+                let i = rng.below(b.len() as u64) as usize;
+                b[i] = [0u8, 0xff, 0x7f, 0x80, b'"', b'\\', b'\n', b'0'][rng.below(8) as usize];
+            }
+            2 => {
+                let i = at(rng, &b);
+                let tok = dict[rng.below(dict.len() as u64) as usize];
+                b.splice(i..i, tok.iter().copied());
+            }
+            3 if !b.is_empty() => {
+                let i = rng.below(b.len() as u64) as usize;
+                let n = 1 + rng.below((b.len() - i).min(64) as u64) as usize;
+                b.drain(i..i + n);
+            }
+            4 if !b.is_empty() => {
+                let i = rng.below(b.len() as u64) as usize;
+                let n = 1 + rng.below((b.len() - i).min(64) as u64) as usize;
+                let piece: Vec<u8> = b[i..i + n].to_vec();
+                let j = at(rng, &b);
+                b.splice(j..j, piece);
+            }
+            5 => {
+                let other = &seeds[rng.below(seeds.len() as u64) as usize].1;
+                let i = at(rng, &b);
+                let j = rng.below(other.len() as u64 + 1) as usize;
+                b.truncate(i);
+                b.extend_from_slice(&other[j..]);
+            }
+            6 => {
+                let i = at(rng, &b);
+                b.truncate(i);
+            }
+            _ => {
+                let i = at(rng, &b);
+                let n = rng.below(8) as usize;
+                let junk: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                b.splice(i..i, junk);
+            }
+        }
+    }
+    b
+}
+
+fn fuzz_seconds() -> Duration {
+    Duration::from_secs_f64(
+        std::env::var("FUZZ_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0),
+    )
+}
+
+fn fuzz(name: &str) {
+    let t = TARGETS.iter().find(|t| t.name == name).unwrap();
+    let seeds = corpus_of(name);
+    assert!(!seeds.is_empty(), "{name}: empty corpus");
+    for (file, data) in &seeds {
+        let r = catch_unwind(AssertUnwindSafe(|| (t.run)(data)))
+            .unwrap_or_else(|_| panic!("{name}/{file}: panicked"));
+        match (file.split('-').next(), r) {
+            (Some("ok"), Err(e)) => panic!("{name}/{file} must be accepted: {e}"),
+            (Some("err"), Ok(())) => panic!("{name}/{file} must be rejected"),
+            (Some("err"), Err(e)) => assert!(!e.is_empty(), "{name}/{file}: empty error"),
+            _ => {}
+        }
+    }
+    let mut rng = support::Rng::new(support::seed(&format!("fuzz {name}"), 1));
+    let (start, limit) = (Instant::now(), fuzz_seconds());
+    let (mut runs, mut accepted) = (0u64, 0u64);
+    while start.elapsed() < limit {
+        let input = mutate(&mut rng, &seeds, t.dict);
+        runs += 1;
+        match catch_unwind(AssertUnwindSafe(|| (t.run)(&input))) {
+            Ok(Ok(())) => accepted += 1,
+            Ok(Err(_)) => {}
+            Err(_) => {
+                let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                    .join(format!("fuzz-crash-{name}-{runs}"));
+                let _ = std::fs::write(&path, &input);
+                panic!("{name}: input {runs} panicked; saved to {}", path.display());
+            }
+        }
+    }
+    eprintln!(
+        "fuzz {name}: {} seeds replayed, {runs} mutated inputs in {:?}, {accepted} accepted",
+        seeds.len(),
+        start.elapsed()
+    );
+    assert!(runs > 0);
+}
+
+#[test]
+fn fuzz_footer_corpus() {
+    fuzz("footer");
+}
+
+#[test]
+fn fuzz_toc_corpus() {
+    fuzz("toc");
+}
+
+#[test]
+fn fuzz_filter_corpus() {
+    fuzz("filter");
+}
+
+#[test]
+fn fuzz_config_corpus() {
+    fuzz("config");
+}

@@ -19,6 +19,8 @@ struct TestBlob {
     requests: AtomicU64,
     bytes: AtomicU64,
     delay_ms: u64,
+    /// A blob offset whose byte the next read covering it gets flipped (in transit).
+    flip_once: Mutex<Option<u64>>,
 }
 
 impl RemoteBlob for TestBlob {
@@ -34,11 +36,17 @@ impl RemoteBlob for TestBlob {
             std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
         }
         let d = self.data.lock().unwrap();
+        let mut flip = self.flip_once.lock().unwrap();
         Ok(ranges
             .iter()
             .map(|r| {
                 self.bytes.fetch_add(r.end - r.start, Ordering::SeqCst);
-                Bytes::copy_from_slice(&d[r.start as usize..r.end as usize])
+                let mut v = d[r.start as usize..r.end as usize].to_vec();
+                if let Some(at) = flip.filter(|at| r.contains(at)) {
+                    v[(at - r.start) as usize] ^= 0x55;
+                    *flip = None;
+                }
+                Bytes::from(v)
             })
             .collect())
     }
@@ -72,6 +80,7 @@ fn open_over(
         requests: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         delay_ms,
+        flip_once: Mutex::new(None),
     });
     let layer = RemoteLayer::open(
         b.clone(),
@@ -212,14 +221,39 @@ fn a_corrupted_chunk_fails_that_read_only() {
         let mid = ((c.compressed_offset + c.compressed_end) / 2) as usize;
         d[mid] ^= 0x55;
     }
+    let before = blob.requests.load(Ordering::SeqCst);
     let err = layer.read(*bad_id, 0, 100).unwrap_err().to_string();
     assert!(err.contains(bad.as_str()), "error names the file: {err}");
     assert_eq!(layer.stats().read_errors, 1);
+    assert_eq!(
+        blob.requests.load(Ordering::SeqCst) - before,
+        3,
+        "fetched three times before failing"
+    );
     let (good, good_id) = &files[1];
     let got = layer.read(*good_id, 0, 1 << 20).unwrap();
     assert_eq!(got, common::file_content(&expected, good).unwrap());
     // and the bad chunk was not cached
     assert!(layer.read_cached(*bad_id, 0, 100).is_none());
+}
+
+#[test]
+fn a_chunk_damaged_in_transit_is_fetched_again() {
+    let (tar, blob, layer) = setup(Format::Estargz, vec![], 0, no_small());
+    let expected = common::tar_entries(&tar);
+    let (path, id) = layer
+        .index()
+        .walk()
+        .into_iter()
+        .find(|(_, id)| layer.index().node(*id).unwrap().size > 10_000)
+        .unwrap();
+    let c = layer.index().chunks(id)[1].clone();
+    *blob.flip_once.lock().unwrap() = Some((c.compressed_offset + c.compressed_end) / 2);
+    let before = blob.requests.load(Ordering::SeqCst);
+    let got = layer.read(id, 0, 1 << 20).unwrap();
+    assert_eq!(got, common::file_content(&expected, &path).unwrap());
+    assert_eq!(blob.requests.load(Ordering::SeqCst) - before, 2);
+    assert_eq!(layer.stats().read_errors, 0);
 }
 
 #[test]

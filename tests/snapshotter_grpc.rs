@@ -11,22 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, Info, Kind, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest,
-    RemoveSnapshotRequest, StatSnapshotRequest, UpdateSnapshotRequest, UsageRequest,
-    ViewSnapshotRequest,
-};
-use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{Code, Status};
+use containerd_client::services::v1::snapshots::{Kind, UsageRequest};
+use containerd_client::tonic::Code;
 use containerd_client::types::Mount;
 use lazysnap::service::{self, Config};
 use support::fake_remote::{FakeRemote, is_mounted};
-
-const REF: &str = "containerd.io/snapshot.ref";
-const REMOTE: &str = "containerd.io/snapshot/remote";
-
-type Client = SnapshotsClient<Channel>;
+use support::snapshots::{
+    Client, REF, REMOTE, code, commit, list, mounts, prepare, remove, stat, update, view,
+};
 
 /// An in-process daemon; shut down (cleanly) by `stop`, or on drop.
 struct Server {
@@ -70,10 +62,7 @@ impl Server {
     }
 
     async fn client(&self) -> Client {
-        let ch = containerd_client::connect(&self.config.socket)
-            .await
-            .expect("connect");
-        SnapshotsClient::new(ch)
+        support::snapshots::connect(&self.config.socket).await
     }
 
     async fn stop(mut self) {
@@ -113,114 +102,6 @@ fn cri_labels(chain: &str, layer: &str) -> HashMap<String, String> {
         ("containerd.io/snapshot/cri.manifest-digest", "sha256:m"),
         ("containerd.io/snapshot/cri.image-layers", layer),
     ])
-}
-
-async fn prepare(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    l: HashMap<String, String>,
-) -> Result<Vec<Mount>, Status> {
-    c.prepare(PrepareSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: l,
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn view(c: &mut Client, key: &str, parent: &str) -> Result<Vec<Mount>, Status> {
-    c.view(ViewSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn mounts(c: &mut Client, key: &str) -> Result<Vec<Mount>, Status> {
-    c.mounts(MountsRequest {
-        snapshotter: "lazysnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|r| r.into_inner().mounts)
-}
-
-async fn stat(c: &mut Client, key: &str) -> Result<Info, Status> {
-    c.stat(StatSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|r| r.into_inner().info.expect("info"))
-}
-
-async fn remove(c: &mut Client, key: &str) -> Result<(), Status> {
-    c.remove(RemoveSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        key: key.into(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), Status> {
-    c.commit(CommitSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        name: name.into(),
-        key: key.into(),
-        labels: HashMap::new(),
-    })
-    .await
-    .map(|_| ())
-}
-
-async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<Info>, Status> {
-    let mut stream = c
-        .list(ListSnapshotsRequest {
-            snapshotter: "lazysnap".into(),
-            filters: filters.iter().map(|f| f.to_string()).collect(),
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(batch) = stream.message().await? {
-        out.extend(batch.info);
-    }
-    Ok(out)
-}
-
-async fn update(
-    c: &mut Client,
-    name: &str,
-    l: HashMap<String, String>,
-    paths: &[String],
-) -> Result<Info, Status> {
-    c.update(UpdateSnapshotRequest {
-        snapshotter: "lazysnap".into(),
-        info: Some(Info {
-            name: name.into(),
-            labels: l,
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: paths.to_vec(),
-        }),
-    })
-    .await
-    .map(|r| r.into_inner().info.expect("info"))
-}
-
-fn code<T: std::fmt::Debug>(r: Result<T, Status>) -> Code {
-    match r {
-        Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(s) => s.code(),
-    }
 }
 
 fn option<'a>(m: &'a Mount, prefix: &str) -> Option<&'a str> {

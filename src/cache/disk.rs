@@ -1,10 +1,13 @@
 //! The disk half of the chunk cache: one file per chunk under `<dir>/<xx>/<hex>`,
 //! written to a temporary name and renamed, so a crash leaves either the whole
-//! chunk or nothing. A size limit evicts the least recently used chunks.
+//! chunk or nothing. A size limit evicts the least recently used chunks, and the
+//! whole files assembled under `<dir>/files` for FUSE passthrough count against the
+//! same limit and are evicted with them.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +25,16 @@ struct Entry {
 
 struct State {
     entries: HashMap<CacheKey, Entry>,
+    /// Passthrough files, by path.
+    files: HashMap<PathBuf, Entry>,
     total: u64,
     tick: u64,
+}
+
+/// Something eviction removes.
+enum Victim {
+    Chunk(CacheKey),
+    File(PathBuf),
 }
 
 /// Content-addressed chunk files with an LRU size limit.
@@ -47,14 +58,25 @@ fn prefix(key: &CacheKey) -> &'static str {
 
 impl DiskCache {
     /// Opens (creating if needed) the cache at `dir`, indexing what is there and
-    /// removing temporary files a crash left behind.
+    /// removing temporary files a crash left behind, and the passthrough files of an
+    /// earlier process (never trusted, so only taking space).
     pub fn open(dir: &Path, limit: u64) -> Result<Self> {
-        let tmp = dir.join("tmp");
-        fs::create_dir_all(&tmp).ctx(|| format!("{}: cannot create cache", dir.display()))?;
-        for e in fs::read_dir(&tmp).ctx(|| format!("{}: cannot list", tmp.display()))? {
-            let e = e.ctx(|| format!("{}: cannot list", tmp.display()))?;
-            let _ = fs::remove_file(e.path());
+        for sub in ["tmp", "files"] {
+            let tmp = dir.join(sub);
+            // chunks hold image files whatever their modes: for root's eyes only (so
+            // are the directories created above the cache, the daemon's root say)
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&tmp)
+                .ctx(|| format!("{}: cannot create cache", dir.display()))?;
+            for e in fs::read_dir(&tmp).ctx(|| format!("{}: cannot list", tmp.display()))? {
+                let e = e.ctx(|| format!("{}: cannot list", tmp.display()))?;
+                let _ = fs::remove_file(e.path());
+            }
         }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .ctx(|| format!("{}: cannot restrict the cache to its owner", dir.display()))?;
         let mut found: Vec<(CacheKey, u64, std::time::SystemTime)> = Vec::new();
         for kind in ["v", "u"] {
             let base = dir.join(kind);
@@ -88,6 +110,7 @@ impl DiskCache {
         found.sort_by_key(|(_, _, t)| *t);
         let mut state = State {
             entries: HashMap::with_capacity(found.len()),
+            files: HashMap::new(),
             total: 0,
             tick: 0,
         };
@@ -224,35 +247,99 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Removes least recently used chunks until the cache is under 90% of its limit.
+    /// Removes least recently used chunks and passthrough files until the cache is
+    /// under 90% of its limit.
     fn evict(&self) {
-        let victims: Vec<CacheKey> = {
+        let victims: Vec<Victim> = {
             let mut s = self.state();
             if s.total <= self.limit {
                 return;
             }
             let target = self.limit / 10 * 9;
-            let mut all: Vec<(u64, CacheKey, u64)> = s
+            let mut all: Vec<(u64, Victim, u64)> = s
                 .entries
                 .iter()
-                .map(|(k, e)| (e.tick, *k, e.size))
+                .map(|(k, e)| (e.tick, Victim::Chunk(*k), e.size))
+                .chain(
+                    s.files
+                        .iter()
+                        .map(|(p, e)| (e.tick, Victim::File(p.clone()), e.size)),
+                )
                 .collect();
             all.sort_unstable_by_key(|(t, _, _)| *t);
             let mut out = Vec::new();
-            for (_, k, size) in all {
+            for (_, v, size) in all {
                 if s.total <= target {
                     break;
                 }
                 s.total -= size;
-                s.entries.remove(&k);
-                out.push(k);
+                match &v {
+                    Victim::Chunk(k) => {
+                        s.entries.remove(k);
+                    }
+                    Victim::File(p) => {
+                        s.files.remove(p);
+                    }
+                }
+                out.push(v);
             }
             out
         };
-        for k in victims {
-            let _ = fs::remove_file(self.path(&k));
+        for v in victims {
+            let path = match v {
+                Victim::Chunk(k) => self.path(&k),
+                Victim::File(p) => p,
+            };
+            let _ = fs::remove_file(path);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Where passthrough files live.
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.join("files")
+    }
+
+    /// Counts a passthrough file about to be written under [`DiskCache::files_dir`]
+    /// against the limit, evicting older entries to stay under it.
+    pub fn track_file(&self, path: &Path, size: u64) {
+        {
+            let mut s = self.state();
+            s.tick += 1;
+            let tick = s.tick;
+            s.total += size;
+            if let Some(old) = s.files.insert(path.to_path_buf(), Entry { size, tick }) {
+                s.total -= old.size;
+            }
+        }
+        self.evict();
+    }
+
+    /// Forgets a passthrough file that could not be written.
+    pub fn untrack_file(&self, path: &Path) {
+        let mut s = self.state();
+        if let Some(e) = s.files.remove(path) {
+            s.total -= e.size;
+        }
+    }
+
+    /// Marks a passthrough file as just used; false when it has been evicted.
+    pub fn touch_file(&self, path: &Path) -> bool {
+        let mut s = self.state();
+        s.tick += 1;
+        let tick = s.tick;
+        match s.files.get_mut(path) {
+            Some(e) => {
+                e.tick = tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The size limit, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     /// Bytes on disk.
@@ -313,5 +400,35 @@ mod tests {
         let c = DiskCache::open(dir.path(), 10_000).unwrap();
         assert_eq!(c.get(&k18).unwrap(), keys[18].1);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn passthrough_files_count_against_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("files")).unwrap();
+        fs::write(dir.path().join("files").join("stale"), b"earlier process").unwrap();
+        let c = DiskCache::open(dir.path(), 10_000).unwrap();
+        assert!(!c.files_dir().join("stale").exists(), "stale files removed");
+        let chunk = vec![1u8; 3000];
+        let k = CacheKey::Verified(Digest::of(&chunk));
+        c.insert(&k, &chunk).unwrap();
+        let f = c.files_dir().join("a");
+        c.track_file(&f, 4000);
+        fs::write(&f, vec![2u8; 4000]).unwrap();
+        assert_eq!(c.usage(), 7000);
+        assert!(c.touch_file(&f));
+        // a second file pushes the total past the limit: the chunk (oldest) goes first
+        let g = c.files_dir().join("b");
+        c.track_file(&g, 4000);
+        assert!(c.usage() <= 9000, "{}", c.usage());
+        assert!(!c.contains(&k));
+        assert!(c.touch_file(&f) && c.touch_file(&g));
+        // then the least recently used file
+        let h = c.files_dir().join("c");
+        c.track_file(&h, 4000);
+        assert!(!c.touch_file(&f), "evicted");
+        assert!(!f.exists());
+        c.untrack_file(&h);
+        assert_eq!(c.usage(), 4000);
     }
 }

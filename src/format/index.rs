@@ -103,10 +103,18 @@ pub fn clean_path(name: &str) -> Result<Vec<&str>> {
     Ok(out)
 }
 
+/// How many bytes the paths of implicitly created parent directories may add up to.
+/// Each name of a deep entry becomes a directory whose whole path the tree holds, so
+/// without a bound a few megabytes of deep names become gigabytes of paths.
+const MAX_IMPLICIT_PATH_BYTES: u64 = 64 << 20;
+
 struct Builder<'a> {
     idx: Index,
-    paths: HashMap<String, NodeId>,
+    /// Where each (directory, name) sits in `children`: lookups cost one hash of
+    /// the name, never of a whole path, so deep and wide trees build in linear time.
+    slots: HashMap<(NodeId, &'a str), usize>,
     children: Vec<Vec<(&'a str, NodeId)>>,
+    implicit_path_bytes: u64,
     ends: Vec<Option<u64>>,
     data_end: u64,
 }
@@ -141,26 +149,50 @@ impl<'a> Builder<'a> {
         Ok(id)
     }
 
+    fn child(&self, dir: NodeId, name: &str) -> Option<NodeId> {
+        self.slots
+            .get(&(dir, name))
+            .map(|&i| self.children[dir as usize][i].1)
+    }
+
+    /// The node at `comps`, if there is one.
+    fn find(&self, comps: &[&str]) -> Option<NodeId> {
+        let mut cur = ROOT;
+        for c in comps {
+            if self.idx.nodes[cur as usize].kind != Kind::Dir {
+                return None;
+            }
+            cur = self.child(cur, c)?;
+        }
+        Some(cur)
+    }
+
     /// The directory at `comps`, created (implicitly) if missing.
     fn dir(&mut self, comps: &[&'a str], name: &str) -> Result<NodeId> {
         let mut cur = ROOT;
-        let mut path = String::new();
-        for c in comps {
-            if !path.is_empty() {
-                path.push('/');
-            }
-            path.push_str(c);
-            match self.paths.get(&path) {
-                Some(&id) if self.idx.nodes[id as usize].kind == Kind::Dir => cur = id,
+        let mut path_len = 0u64;
+        for (i, c) in comps.iter().enumerate() {
+            path_len += c.len() as u64 + 1;
+            match self.child(cur, c) {
+                Some(id) if self.idx.nodes[id as usize].kind == Kind::Dir => cur = id,
                 Some(_) => {
                     return Err(Error::Toc(format!(
-                        "{name:?}: parent {path:?} is not a directory"
+                        "{name:?}: parent {:?} is not a directory",
+                        comps[..=i].join("/")
                     )));
                 }
                 None => {
+                    self.implicit_path_bytes += path_len;
+                    if self.implicit_path_bytes > MAX_IMPLICIT_PATH_BYTES {
+                        let short: String = name.chars().take(80).collect();
+                        return Err(Error::Toc(format!(
+                            "{short:?}...: the parent directories the TOC leaves out have \
+                             paths of more than {} MiB in all",
+                            MAX_IMPLICIT_PATH_BYTES >> 20
+                        )));
+                    }
                     let id = self.new_node(Kind::Dir, cur)?;
-                    self.children[cur as usize].push((c, id));
-                    self.paths.insert(path.clone(), id);
+                    self.replace(cur, c, id);
                     cur = id;
                 }
             }
@@ -301,16 +333,15 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    fn replace(&mut self, parent: NodeId, name: &'a str, path: &str, id: NodeId) {
-        if let Some(slot) = self.children[parent as usize]
-            .iter_mut()
-            .find(|(n, _)| *n == name)
-        {
-            slot.1 = id;
-        } else {
-            self.children[parent as usize].push((name, id));
+    fn replace(&mut self, parent: NodeId, name: &'a str, id: NodeId) {
+        let kids = &mut self.children[parent as usize];
+        match self.slots.get(&(parent, name)) {
+            Some(&i) => kids[i].1 = id,
+            None => {
+                self.slots.insert((parent, name), kids.len());
+                kids.push((name, id));
+            }
         }
-        self.paths.insert(path.to_string(), id);
     }
 }
 
@@ -319,13 +350,13 @@ impl Index {
     pub fn build(toc: &Toc, data_end: u64) -> Result<Index> {
         let mut b = Builder {
             idx: Index::default(),
-            paths: HashMap::with_capacity(toc.entries.len()),
+            slots: HashMap::with_capacity(toc.entries.len()),
             children: Vec::with_capacity(toc.entries.len()),
+            implicit_path_bytes: 0,
             ends: Vec::new(),
             data_end,
         };
         b.new_node(Kind::Dir, ROOT)?;
-        b.paths.insert(String::new(), ROOT);
         let mut last_reg: Option<(&str, NodeId, u64)> = None;
         for e in &toc.entries {
             if e.kind == "chunk" {
@@ -353,11 +384,10 @@ impl Index {
                     e.name
                 )));
             };
-            let path = comps.join("/");
             let parent = b.dir(parents, &e.name)?;
             if kind == Kind::Hardlink {
-                let target = clean_path(&e.link_name)?.join("/");
-                let &tid = b.paths.get(&target).ok_or_else(|| {
+                let target = clean_path(&e.link_name)?;
+                let tid = b.find(&target).ok_or_else(|| {
                     Error::Toc(format!(
                         "{:?}: hard link to missing {:?}",
                         e.name, e.link_name
@@ -369,16 +399,16 @@ impl Index {
                         e.name, e.link_name
                     )));
                 }
-                b.replace(parent, base, &path, tid);
+                b.replace(parent, base, tid);
                 b.idx.entries += 1;
                 continue;
             }
-            let existing = b.paths.get(&path).copied();
+            let existing = b.child(parent, base);
             let id = match existing {
                 Some(id) if kind == Kind::Dir && b.idx.nodes[id as usize].kind == Kind::Dir => id,
                 _ => {
                     let id = b.new_node(kind, parent)?;
-                    b.replace(parent, base, &path, id);
+                    b.replace(parent, base, id);
                     id
                 }
             };

@@ -140,6 +140,9 @@ pub(super) fn get(
     Ok(out.into_iter().map(Option::unwrap_or_default).collect())
 }
 
+/// Fetches of a run whose chunks fail to verify, after the first.
+const VERIFY_RETRIES: u32 = 2;
+
 /// Groups owned chunks into runs of adjacent compressed ranges and fetches them.
 fn fetch_owned(
     layer: &RemoteLayer,
@@ -165,72 +168,91 @@ fn fetch_owned(
             _ => runs.push((c.compressed_offset..c.compressed_end, vec![j])),
         }
     }
-    let ranges: Vec<Range<u64>> = runs.iter().map(|(r, _)| r.clone()).collect();
-    let started = std::time::Instant::now();
-    let fetched = layer.read_ranges(&ranges);
-    tracing::debug!(
-        layer = layer.name(),
-        ranges = ranges.len(),
-        bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
-        first = ranges.first().map_or(0, |r| r.start),
-        ms = started.elapsed().as_millis() as u64,
-        "fetched"
-    );
-    let fetched = match fetched {
-        Ok(f) if f.len() == ranges.len() => f,
-        Ok(_) => {
-            let e = "registry returned the wrong number of ranges".to_string();
-            fail(items, &e);
-            return Err(Error::Fetch {
-                blob: layer.name().to_string(),
-                reason: e,
-            });
-        }
-        Err(e) => {
-            fail(items, &e.to_string());
-            return Err(e);
-        }
-    };
+    // A run whose bytes fail to decompress or verify is fetched again: a body
+    // damaged on the way is a registry fault like any other, retried before the read
+    // fails. Nothing is cached or handed out until it verifies.
+    let mut pending: Vec<usize> = (0..runs.len()).collect();
     let mut first_err = None;
-    for ((range, members), bytes) in runs.iter().zip(fetched) {
-        // chunks are independent: decompress and verify them on all cores
-        let decoded: Vec<(usize, Result<Bytes>)> = members
-            .par_iter()
-            .map(|&j| {
-                let c = &all[items[j].1];
-                let from = (c.compressed_offset - range.start) as usize;
-                let to = (c.compressed_end - range.start) as usize;
-                let r = bytes
-                    .get(from..to)
-                    .ok_or_else(|| Error::Fetch {
-                        blob: layer.name().to_string(),
-                        reason: format!("short range {}..{}", range.start, range.end),
-                    })
-                    .and_then(|z| decode(layer, c, z));
-                (j, r)
-            })
-            .collect();
-        for (j, r) in decoded {
-            let (k, i, f) = &items[j];
-            let c = &all[*i];
-            match r {
-                Ok(data) => {
-                    if keep {
-                        layer.cache.insert(layer.key(c), data.clone());
-                        layer.mark_cached(*i);
-                    } else {
-                        layer.cache.insert_memory(layer.key(c), data.clone());
+    for attempt in 0..=VERIFY_RETRIES {
+        let ranges: Vec<Range<u64>> = pending.iter().map(|&r| runs[r].0.clone()).collect();
+        let started = std::time::Instant::now();
+        let fetched = layer.read_ranges(&ranges);
+        tracing::debug!(
+            layer = layer.name(),
+            ranges = ranges.len(),
+            bytes = ranges.iter().map(|r| r.end - r.start).sum::<u64>(),
+            first = ranges.first().map_or(0, |r| r.start),
+            ms = started.elapsed().as_millis() as u64,
+            attempt,
+            "fetched"
+        );
+        let fetched = match fetched {
+            Ok(f) if f.len() == ranges.len() => f,
+            Ok(_) => {
+                let e = "registry returned the wrong number of ranges".to_string();
+                fail(items, &e);
+                return Err(Error::Fetch {
+                    blob: layer.name().to_string(),
+                    reason: e,
+                });
+            }
+            Err(e) => {
+                fail(items, &e.to_string());
+                return Err(e);
+            }
+        };
+        let last = attempt == VERIFY_RETRIES;
+        let mut again = Vec::new();
+        for (&r, bytes) in pending.iter().zip(fetched) {
+            let (range, members) = &runs[r];
+            // chunks are independent: decompress and verify them on all cores
+            let decoded: Vec<(usize, Result<Bytes>)> = members
+                .par_iter()
+                .map(|&j| {
+                    let c = &all[items[j].1];
+                    let from = (c.compressed_offset - range.start) as usize;
+                    let to = (c.compressed_end - range.start) as usize;
+                    let r = bytes
+                        .get(from..to)
+                        .ok_or_else(|| Error::Fetch {
+                            blob: layer.name().to_string(),
+                            reason: format!("short range {}..{}", range.start, range.end),
+                        })
+                        .and_then(|z| decode(layer, c, z));
+                    (j, r)
+                })
+                .collect();
+            if !last && let Some((_, Err(e))) = decoded.iter().find(|(_, r)| r.is_err()) {
+                tracing::warn!(layer = layer.name(), error = %e, attempt, "chunk rejected; fetching it again");
+                again.push(r);
+                continue;
+            }
+            for (j, r) in decoded {
+                let (k, i, f) = &items[j];
+                let c = &all[*i];
+                match r {
+                    Ok(data) => {
+                        if keep {
+                            layer.cache.insert(layer.key(c), data.clone());
+                            layer.mark_cached(*i);
+                        } else {
+                            layer.cache.insert_memory(layer.key(c), data.clone());
+                        }
+                        f.finish(Ok(data.clone()));
+                        out[*k] = Some(data);
                     }
-                    f.finish(Ok(data.clone()));
-                    out[*k] = Some(data);
-                }
-                Err(e) => {
-                    tracing::error!(layer = layer.name(), error = %e, "chunk rejected");
-                    f.finish(Err(e.to_string()));
-                    first_err.get_or_insert_with(|| layer.name_chunk(e, *i));
+                    Err(e) => {
+                        tracing::error!(layer = layer.name(), error = %e, "chunk rejected");
+                        f.finish(Err(e.to_string()));
+                        first_err.get_or_insert_with(|| layer.name_chunk(e, *i));
+                    }
                 }
             }
         }
+        if again.is_empty() {
+            break;
+        }
+        pending = again;
     }
     match first_err {
         Some(e) => Err(e),

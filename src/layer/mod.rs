@@ -115,6 +115,9 @@ pub struct RemoteLayer {
     bytes_total: u64,
     /// Files whose passthrough backing file this process built.
     backing: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// Files whose backing file a thread is building now: one builder per file, so
+    /// that no open ever sees a file another builder is still writing.
+    building: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     /// The whole blob, when opening the layer already read all of it.
     whole: Option<Bytes>,
 }
@@ -170,6 +173,7 @@ impl RemoteLayer {
             opened: std::time::Instant::now(),
             bytes_total,
             backing: Default::default(),
+            building: Default::default(),
             whole,
         });
         // the footer and TOC count as fetched, as the registry sees them
@@ -332,28 +336,67 @@ impl RemoteLayer {
         if !lock(&self.backing).contains(&id) {
             return None;
         }
-        std::fs::File::open(self.backing_path(id)?).ok()
+        let path = self.backing_path(id)?;
+        // the disk cache may have evicted it to stay under its limit
+        let f = self
+            .cache
+            .disk()
+            .is_some_and(|d| d.touch_file(&path))
+            .then(|| std::fs::File::open(&path).ok())
+            .flatten();
+        if f.is_none() {
+            lock(&self.backing).remove(&id);
+        }
+        f
     }
 
     /// Whether [`RemoteLayer::build_backing_file`] would have work to do.
     pub fn wants_backing_file(&self, id: NodeId) -> bool {
-        self.cache.disk().is_some() && self.file_cached(id) && !lock(&self.backing).contains(&id)
+        self.cache.disk().is_some()
+            && self.file_cached(id)
+            && !lock(&self.backing).contains(&id)
+            && !lock(&self.building).contains(&id)
     }
 
     fn backing_path(&self, id: NodeId) -> Option<std::path::PathBuf> {
-        let dir = self.cache.disk()?.dir().join("files");
+        let dir = self.cache.disk()?.files_dir();
         Some(dir.join(format!("{}-{id}", self.toc_digest.hex())))
     }
 
     /// Writes file `id` from its verified cached chunks into the cache's `files/`
     /// directory (streamed, temporary name, rename), for later passthrough opens.
+    /// Only one thread builds a file, only while all its chunks are still cached,
+    /// and its space is reserved in the disk cache before it is written; a file
+    /// bigger than half the disk cache is not built (it would evict everything else).
     pub fn build_backing_file(&self, id: NodeId) -> Result<()> {
-        let Some(path) = self.backing_path(id) else {
+        let (Some(path), Some(disk)) = (self.backing_path(id), self.cache.disk()) else {
             return Ok(());
         };
-        if !self.file_cached(id) || lock(&self.backing).contains(&id) {
+        let size = self.index.node(id).map_or(0, |n| n.size);
+        if !self.file_cached(id) || lock(&self.backing).contains(&id) || size > disk.limit() / 2 {
             return Ok(());
         }
+        let all = self.index.all_chunks();
+        let evicted = self
+            .index
+            .chunk_span(id)
+            .any(|i| !all[i].zeros && !self.cache.contains(&self.key(&all[i])));
+        if evicted || !lock(&self.building).insert(id) {
+            return Ok(());
+        }
+        disk.track_file(&path, size);
+        let r = self.write_backing_file(id, &path);
+        match &r {
+            Ok(()) => {
+                lock(&self.backing).insert(id);
+            }
+            Err(_) => disk.untrack_file(&path),
+        }
+        lock(&self.building).remove(&id);
+        r
+    }
+
+    fn write_backing_file(&self, id: NodeId, path: &std::path::Path) -> Result<()> {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let write = || -> Result<()> {
             use std::io::Write;
@@ -378,15 +421,12 @@ impl RemoteLayer {
             }
             w.flush()
                 .map_err(|e| Error::io(format!("{}: write", tmp.display()), e))?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, path)
                 .map_err(|e| Error::io(format!("{}: rename", path.display()), e))
         };
-        if let Err(e) = write() {
+        write().inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        lock(&self.backing).insert(id);
-        Ok(())
+        })
     }
 
     /// Fetches the chunks of file `id` that follow `offset`, up to `window` bytes,

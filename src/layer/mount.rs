@@ -146,7 +146,11 @@ pub fn mount_layer(
     opts: &MountOptions,
     workers: Arc<Workers>,
 ) -> Result<lazysnap_fuse::Mount> {
-    let tree = Arc::new(build_tree(layer.index())?);
+    // a TOC name the tree refuses (NUL, too long) is the layer's fault: name it
+    let tree = Arc::new(build_tree(layer.index()).map_err(|e| Error::Fetch {
+        blob: layer.name().to_string(),
+        reason: e.to_string(),
+    })?);
     let content = LayerContent::new(layer.clone(), workers);
     lazysnap_fuse::mount(tree, content, mountpoint, opts).map_err(|e| {
         Error::io(

@@ -7,6 +7,7 @@
 
 pub mod lazy;
 pub mod registry;
+pub mod remote;
 
 use lazysnap::format::writer::{WriteOptions, WriteResult, write_layer};
 
@@ -355,6 +356,32 @@ impl Corpus {
     pub fn finish(self) -> Vec<u8> {
         self.b.into_inner().unwrap()
     }
+}
+
+/// gzip of `data` (one member).
+pub fn gz(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// An eStargz blob with `data` before a TOC member holding `json` (hand-made TOCs
+/// for bad and hostile input).
+pub fn estargz_with_toc(data: &[u8], json: &str) -> Vec<u8> {
+    use lazysnap::format::footer;
+    let mut member =
+        lazysnap::format::tarhdr::ustar_header("stargz.index.json", 0o644, json.len() as u64)
+            .unwrap()
+            .to_vec();
+    member.extend_from_slice(json.as_bytes());
+    member.resize(member.len().div_ceil(512) * 512 + 1024, 0);
+    let z = gz(&member);
+    let mut blob = data.to_vec();
+    let off = blob.len() as u64;
+    blob.extend_from_slice(&z);
+    blob.extend_from_slice(&footer::estargz_footer(off));
+    blob
 }
 
 /// Name of the 200-byte file in `long/`.

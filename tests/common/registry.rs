@@ -139,32 +139,11 @@ impl Registry {
     /// Pushes an OCI image with these layers (blob, media type, annotations, diff id)
     /// and returns the reference `host/repo:tag`.
     pub fn push_image(&self, repo: &str, tag: &str, layers: &[Layer]) -> String {
-        let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
-        let config = serde_json::json!({
-            "architecture": go_arch(),
-            "os": "linux",
-            "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        })
-        .to_string();
-        let config_digest = self.push_blob(repo, config.as_bytes());
-        let mut descs = Vec::new();
+        let (config, manifest) = image_json(layers);
+        self.push_blob(repo, config.as_bytes());
         for l in layers {
-            let d = self.push_blob(repo, &l.blob);
-            descs.push(serde_json::json!({
-                "mediaType": l.media_type,
-                "digest": d,
-                "size": l.blob.len(),
-                "annotations": l.annotations,
-            }));
+            self.push_blob(repo, &l.blob);
         }
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-            "layers": descs,
-        })
-        .to_string();
         let tmp = tempfile::NamedTempFile::new().expect("tmp");
         std::fs::write(tmp.path(), &manifest).expect("write");
         self.curl(&[
@@ -184,6 +163,42 @@ impl Registry {
     pub fn blob_gets(&self, digest: &str) -> Vec<(u16, u64)> {
         blob_gets_in(&self.log(), digest)
     }
+}
+
+/// The config and manifest JSON of an OCI image of these layers (push the config,
+/// the layer blobs and then the manifest).
+pub fn image_json(layers: &[Layer]) -> (String, String) {
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    let config = serde_json::json!({
+        "architecture": go_arch(),
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    .to_string();
+    let descs: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "mediaType": l.media_type,
+                "digest": format!("sha256:{}", sha256_hex(&l.blob)),
+                "size": l.blob.len(),
+                "annotations": l.annotations,
+            })
+        })
+        .collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", sha256_hex(config.as_bytes())),
+            "size": config.len(),
+        },
+        "layers": descs,
+    })
+    .to_string();
+    (config, manifest)
 }
 
 /// Status code and response bytes of GETs of `digest` in an access-log excerpt

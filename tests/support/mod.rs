@@ -6,7 +6,10 @@
 #![allow(dead_code)]
 
 pub mod fake_remote;
+pub mod fault_proxy;
 pub mod image;
+pub mod readers;
+pub mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -32,6 +35,57 @@ pub fn require(tools: &[&str], test: &str) -> bool {
         return false;
     }
     true
+}
+
+/// A small seeded generator (xorshift64*), so that schedules and reads reproduce.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
+/// The seed of a randomized test: `LAZYSNAP_SEED` if set, else `default`; printed so
+/// that a failure can be replayed.
+pub fn seed(test: &str, default: u64) -> u64 {
+    let s = std::env::var("LAZYSNAP_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    eprintln!("{test}: seed {s} (set LAZYSNAP_SEED to replay another)");
+    s
+}
+
+/// A `/proc/<pid>/status` field in kB (`VmRSS`, `VmHWM`).
+pub fn proc_kb(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Polls `f` until it returns true or `limit` passes.
@@ -100,11 +154,18 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub root: PathBuf,
     pub config: PathBuf,
+    rust_log: String,
 }
 
 impl Daemon {
-    /// Writes a config under `dir` and starts the daemon; waits until it accepts.
+    /// Writes a config under `dir` and starts the daemon (with lazysnap's debug
+    /// logs); waits until it accepts.
     pub fn start(dir: &Path, extra_config: &str) -> Daemon {
+        Self::start_logging(dir, extra_config, "lazysnap=debug")
+    }
+
+    /// As [`Daemon::start`], with `RUST_LOG=rust_log`.
+    pub fn start_logging(dir: &Path, extra_config: &str, rust_log: &str) -> Daemon {
         std::fs::create_dir_all(dir).expect("daemon dir");
         let socket = dir.join("lazysnap.sock");
         let root = dir.join("root");
@@ -124,6 +185,7 @@ impl Daemon {
             socket,
             root,
             config,
+            rust_log: rust_log.to_string(),
         };
         d.spawn();
         d
@@ -138,7 +200,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "lazysnap=debug")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -149,6 +211,48 @@ impl Daemon {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
         assert!(up, "lazysnap serve did not start:\n{}", self.log());
+    }
+
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the daemon process is still running (it has not crashed).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// `lazysnap status --json` of this daemon.
+    pub fn status(&self) -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazysnap"));
+        cmd.args(["status", "--json", "--config"]).arg(&self.config);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "lazysnap status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The remote layers the daemon has mounted: (layer digest, mount point).
+    pub fn remote_mounts(&self) -> Vec<(String, PathBuf)> {
+        self.status()["layers"]
+            .as_array()
+            .map(|ls| {
+                ls.iter()
+                    .filter_map(|l| {
+                        Some((
+                            l["digest"].as_str()?.to_string(),
+                            PathBuf::from(l["mountpoint"].as_str()?),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The daemon's log so far.
