@@ -815,3 +815,404 @@ fn optimize_puts_the_files_a_workload_opens_first() {
         "{order:?}"
     );
 }
+
+/// Under `CI=true` a missing prerequisite fails the test; otherwise it is skipped.
+fn skip_or_fail(test: &str, why: &str) {
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{test}: {why} (CI=true)"
+    );
+    eprintln!("skipped: {test}: {why}");
+}
+
+/// The python image of `scripts/python-image.sh`, gzip layers, in `reg` as `repo:src`.
+fn push_python_image(reg: &Registry, repo: &str) -> Option<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-image.sh");
+    // the first run debootstraps and installs python3: minutes
+    let o = support::run_bounded(Command::new(&script), Duration::from_secs(3600));
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+        skip_or_fail(
+            "python image",
+            &format!("{} failed: {tail:?}", script.display()),
+        );
+        return None;
+    }
+    let layers: Vec<SrcLayer> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|p| {
+            let tar = std::fs::read(p).unwrap();
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&tar).unwrap();
+            SrcLayer {
+                blob: gz.finish().unwrap(),
+                tar,
+                media_type: DOCKER_GZIP,
+            }
+        })
+        .collect();
+    assert_eq!(layers.len(), 3, "python-image.sh prints base, python, app");
+    Some(SrcImage::new(vec![(go_arch(), layers)], false).push(reg, repo, "src"))
+}
+
+/// What a lazy mount of `image` (no background fetch) fetched for
+/// `python3 -c 'print(1)'`: bytes while the command ran (from the registry's access
+/// log after the mount was ready), bytes in all (TOCs and prefetch included), and
+/// range requests in all.
+fn python_fetches(reg: &Registry, image: &str, dir: &Path) -> (u64, u64, u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let m = common::lazy::LazyMount::start(image, dir, &["--no-background-fetch"]);
+    // the mount appears after its prefetch; let the registry log that request
+    std::thread::sleep(Duration::from_millis(500));
+    let mark = reg.log().len();
+    let o = support::run_bounded(
+        {
+            let mut c = Command::new("/usr/sbin/chroot");
+            c.arg(dir)
+                .args(["/usr/bin/python3", "-c", "print(1)"])
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin");
+            c
+        },
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "1\n",
+        "{image}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let stats = m.stop();
+    let log = reg.log();
+    let during: u64 = log[mark..]
+        .lines()
+        .filter(|l| l.contains("/blobs/sha256:") && l.contains("\"GET "))
+        .filter_map(|l| {
+            l.split("HTTP/1.1\" ")
+                .nth(1)?
+                .split(' ')
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let layers = stats.as_array().unwrap();
+    let total = layers
+        .iter()
+        .map(|l| l["fetched_bytes"].as_u64().unwrap())
+        .sum();
+    let requests = layers
+        .iter()
+        .map(|l| l["fetch_requests"].as_u64().unwrap())
+        .sum();
+    (during, total, requests)
+}
+
+#[test]
+fn optimized_python_image_is_fetched_before_python_runs() {
+    if !support::require(
+        &["/usr/bin/docker-registry", "/usr/sbin/chroot"],
+        "optimize python",
+    ) {
+        return;
+    }
+    let reg = Registry::start();
+    let Some(src) = push_python_image(&reg, "py/app") else {
+        return;
+    };
+    let host = reg.host();
+    let plain = format!("{host}/py/app:esgz");
+    let optimized = format!("{host}/py/app:opt");
+    let work = tempfile::tempdir().unwrap();
+    convert_ok(&src, &plain, &[]);
+    let output = work.path().join("workload.out");
+    let v = convert_ok(
+        &src,
+        &optimized,
+        &[
+            "--optimize",
+            "--workload-output",
+            output.to_str().unwrap(),
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            "print(1)",
+        ],
+    );
+    assert_eq!(v["optimize"]["outcome"], "exit 0", "{v}");
+    assert_eq!(std::fs::read_to_string(&output).unwrap(), "1\n");
+    let files: Vec<&str> = v["optimize"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        files.iter().any(|f| f.starts_with("/usr/bin/python3")),
+        "{files:?}"
+    );
+    assert!(files.len() >= 10, "{files:?}");
+
+    let (plain_during, plain_total, plain_requests) =
+        python_fetches(&reg, &plain, &work.path().join("plain"));
+    let (opt_during, opt_total, opt_requests) =
+        python_fetches(&reg, &optimized, &work.path().join("opt"));
+    println!(
+        "python3 -c 'print(1)' from a lazy mount (no background fetch): unoptimized fetched \
+         {plain_during} bytes while it ran, {plain_total} in all, {plain_requests} requests; \
+         optimized ({} files first) {opt_during} while it ran, {opt_total} in all, \
+         {opt_requests} requests",
+        files.len()
+    );
+    assert!(
+        plain_during > 1 << 20,
+        "the unoptimized image is read on demand"
+    );
+    assert!(
+        opt_during * 10 <= plain_during,
+        "the optimized image's files come with the prefetch at mount: {opt_during} bytes \
+         fetched while python3 ran, {plain_during} unoptimized"
+    );
+    assert!(opt_requests < plain_requests);
+    // the prefetch is the files python3 needs, not more
+    assert!(
+        opt_total <= plain_total + (256 << 10),
+        "{opt_total} bytes in all, {plain_total} unoptimized"
+    );
+}
+
+const STARGZ_GRPC: &str = "/tmp/ref-bin/containerd-stargz-grpc";
+const CTR_REMOTE: &str = "/usr/bin/ctr-remote";
+const MOTD: &str = "converted by lazysnap convert";
+
+/// stargz-snapshotter's daemon (the peer build), stopped with SIGINT on drop (it
+/// unmounts its layers then), its leftover mounts detached.
+struct StargzDaemon {
+    child: Option<std::process::Child>,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl StargzDaemon {
+    fn start(dir: &Path) -> StargzDaemon {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = dir.join("config.toml");
+        // loopback registries are reached over plain HTTP without configuration
+        std::fs::write(&config, "[blob]\nchunk_size = 65536\n").unwrap();
+        let log = dir.join("stargz.log");
+        let mut d = StargzDaemon {
+            root: dir.join("root"),
+            socket: dir.join("stargz.sock"),
+            child: None,
+            log: log.clone(),
+        };
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(STARGZ_GRPC)
+            .arg("-root")
+            .arg(&d.root)
+            .arg("-address")
+            .arg(&d.socket)
+            .arg("-config")
+            .arg(&config)
+            .args(["-log-level", "debug"])
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn containerd-stargz-grpc");
+        d.child = Some(child);
+        let sock = d.socket.clone();
+        let up = support::wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(up, "containerd-stargz-grpc did not start:\n{}", d.log());
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StargzDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            if !support::wait_until(Duration::from_secs(15), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            }) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        support::detach_mounts_under(&self.root);
+    }
+}
+
+/// The blob GETs of `digest` the registry logged after byte `mark` of its log.
+fn gets_after(reg: &Registry, mark: usize, digest: &str) -> Vec<(u16, u64)> {
+    common::registry::blob_gets_in(&reg.log()[mark..], digest)
+}
+
+/// The first layer of an image in the registry: digest and size.
+fn first_layer(image: &str) -> (String, u64) {
+    let store = Store::registry(image);
+    let (_, m) = store.top().expect("image");
+    let m: Value = serde_json::from_slice(&m).unwrap();
+    let l = &m["layers"][0];
+    (
+        l["digest"].as_str().unwrap().to_string(),
+        l["size"].as_u64().unwrap(),
+    )
+}
+
+/// `ctr-remote image rpull` with `snapshotter`, then `ctr run` of `cat /etc/motd`;
+/// the layer blob is read only by ranges, and less than half of it.
+fn rpull_and_run(
+    c: &support::Containerd,
+    reg: &Registry,
+    snapshotter: &str,
+    image: &str,
+    id: &str,
+) {
+    let (digest, size) = first_layer(image);
+    let mark = reg.log().len();
+    let mut cmd = Command::new(CTR_REMOTE);
+    cmd.arg("--address").arg(&c.address).args([
+        "image",
+        "rpull",
+        "--plain-http",
+        "--snapshotter",
+        snapshotter,
+        image,
+    ]);
+    let o = support::run_bounded(cmd, Duration::from_secs(180));
+    assert!(
+        o.status.success(),
+        "rpull {image} with {snapshotter}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        snapshotter,
+        "--net-host",
+        image,
+        id,
+        "/bin/cat",
+        "/etc/motd",
+    ]);
+    assert_eq!(out.trim(), MOTD, "{snapshotter} ran {image}");
+    let gets = gets_after(reg, mark, &digest);
+    assert!(!gets.is_empty(), "{snapshotter}: no reads of {digest}");
+    assert!(
+        gets.iter().all(|(s, _)| *s == 206),
+        "{snapshotter} must read {image} lazily (range requests only): {gets:?}"
+    );
+    let fetched: u64 = gets.iter().map(|(_, n)| n).sum();
+    println!(
+        "{snapshotter} ran {image}: {} range reads, {fetched} of {size} layer bytes",
+        gets.len()
+    );
+    assert!(
+        fetched < size / 2,
+        "{snapshotter}: {fetched} of {size} bytes of {image}'s layer fetched"
+    );
+    c.ctr_ok(&["image", "rm", image]);
+}
+
+#[test]
+fn converted_images_run_lazily_under_lazysnap_and_stargz() {
+    if !support::require(
+        &[
+            "/usr/bin/containerd",
+            "/usr/sbin/runc",
+            "/usr/bin/docker-registry",
+            CTR_REMOTE,
+            STARGZ_GRPC,
+        ],
+        "converted images run lazily",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let reg = Registry::start();
+    let host = reg.host();
+    // a Docker-media-type gzip image with a 24 MiB file nobody reads
+    let img = SrcImage::new(
+        vec![(
+            go_arch(),
+            vec![SrcLayer::gzip(common::busybox_tar(MOTD, 11))],
+        )],
+        false,
+    );
+    let src = img.push(&reg, "e2e/app", "src");
+    let ours = format!("{host}/e2e/app:lazysnap");
+    convert_ok(&src, &ours, &[]);
+
+    let daemon = support::Daemon::start(
+        &work.path().join("lazysnap"),
+        "[layer]\nbackground_fetch = false\n",
+    );
+    let c = support::Containerd::start(&work.path().join("containerd"), &daemon.socket);
+    c.wait_snapshotter("lazysnap");
+    // stargz's own converter on the same source, pushed next to ours
+    let theirs = format!("{host}/e2e/app:ctr-remote");
+    for args in [
+        vec!["image", "pull", "--plain-http", src.as_str()],
+        vec![
+            "image",
+            "convert",
+            "--estargz",
+            "--oci",
+            src.as_str(),
+            theirs.as_str(),
+        ],
+        vec![
+            "image",
+            "push",
+            "--plain-http",
+            theirs.as_str(),
+            theirs.as_str(),
+        ],
+    ] {
+        let mut cmd = Command::new(CTR_REMOTE);
+        cmd.arg("--address").arg(&c.address).args(&args);
+        let o = support::run_bounded(cmd, Duration::from_secs(300));
+        assert!(
+            o.status.success(),
+            "ctr-remote {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    c.ctr_ok(&["image", "rm", &theirs, &src]);
+    // lazysnap runs both conversions lazily
+    rpull_and_run(&c, &reg, "lazysnap", &ours, "ours-lazysnap");
+    rpull_and_run(&c, &reg, "lazysnap", &theirs, "theirs-lazysnap");
+    let snaps = c.ctr_ok(&["snapshot", "--snapshotter", "lazysnap", "ls"]);
+    drop(c);
+    drop(daemon);
+    assert!(!snaps.is_empty());
+
+    // stargz-snapshotter runs lazysnap's conversion lazily
+    let sgz = StargzDaemon::start(&work.path().join("stargz"));
+    let c = support::Containerd::start_with_plugin(
+        &work.path().join("containerd2"),
+        "stargz",
+        &sgz.socket,
+    );
+    c.wait_snapshotter("stargz");
+    let mark = reg.log().len();
+    rpull_and_run(&c, &reg, "stargz", &ours, "ours-stargz");
+    let log = sgz.log();
+    assert!(
+        !gets_after(&reg, mark, &first_layer(&ours).0).is_empty(),
+        "stargz read nothing:\n{log}"
+    );
+    drop(c);
+}
