@@ -11,7 +11,11 @@ use std::time::Duration;
 use lazysnap_fuse::MountOptions;
 use serde::Serialize;
 
-use super::oci::RunConfig;
+use lazysnap_registry::{Digest as RegistryDigest, Platform};
+
+use super::image::Tree;
+use super::layer::{self, Ctx};
+use super::oci::{self, RunConfig};
 use super::sandbox;
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::error::{Error, Result};
@@ -198,6 +202,82 @@ pub(crate) fn record(
             files,
         },
     ))
+}
+
+/// `--optimize`: the host platform's layers, quickly converted and mounted, run the
+/// workload; returns each layer's opened files (by source digest).
+pub(crate) fn record_image(
+    ctx: &Ctx<'_>,
+    tree: &Tree,
+    w: &Workload,
+    threads: Option<usize>,
+) -> Result<(HashMap<RegistryDigest, Vec<String>>, Recording)> {
+    let host = Platform::host();
+    let img = tree
+        .images
+        .iter()
+        .find(|i| {
+            i.entry
+                .as_ref()
+                .and_then(|e| e.platform.as_ref())
+                .is_none_or(|p| host.matches(p))
+        })
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--optimize: {} has no image for this machine ({host}) to run",
+                ctx.source.name()
+            ))
+        })?;
+    let quick_opts = quick_options(threads);
+    let mut quick = Vec::new();
+    for l in &img.manifest.layers {
+        let oci_type = oci::oci_layer_type(&l.media_type).unwrap_or_default();
+        if oci::is_foreign(oci_type) {
+            return Err(Error::InvalidArgument(format!(
+                "--optimize: layer {} is non-distributable and cannot be mounted",
+                l.digest
+            )));
+        }
+        let name = l.digest.to_string();
+        ctx.progress
+            .note(&format!("layer {name}: preparing to run the workload"));
+        let blob = layer::fetch(ctx, l)?;
+        let tar = layer::unpack(&blob.path, ctx.tmp, &|n| ctx.progress.advance(&name, n));
+        // the conversion proper reads the blob again
+        ctx.fetched.put(l.digest.clone(), blob);
+        let tar = tar?;
+        let (out, res) = layer::write(tar.path(), ctx.tmp, &quick_opts, &|_| {})?;
+        drop(tar);
+        let toc_digest = res.toc_digest.parse().map_err(|_| {
+            Error::Toc(format!("writer gave a bad TOC digest {:?}", res.toc_digest))
+        })?;
+        let path = out.into_temp_path();
+        quick.push(Quick {
+            blob: path.to_path_buf(),
+            toc_digest,
+        });
+        // kept until the temporary directory goes
+        let _ = path.keep();
+    }
+    ctx.progress.note("running the workload");
+    let work = ctx.tmp.join("optimize");
+    let (lists, rec) = record(&quick, &img.parsed.config, w, &work)?;
+    ctx.progress.note(&format!(
+        "workload: {} ({} files opened)",
+        rec.outcome,
+        rec.files.len()
+    ));
+    let mut by_digest: HashMap<RegistryDigest, Vec<String>> = HashMap::new();
+    for (l, files) in img.manifest.layers.iter().zip(lists) {
+        let list = by_digest.entry(l.digest.clone()).or_default();
+        for f in files {
+            if !list.contains(&f) {
+                list.push(f);
+            }
+        }
+    }
+    by_digest.retain(|_, v| !v.is_empty());
+    Ok((by_digest, rec))
 }
 
 #[cfg(test)]
