@@ -787,6 +787,42 @@ fn optimize_puts_the_files_a_workload_opens_first() {
     );
     assert!(v["layers"][0]["prioritized"].as_u64().unwrap() >= 2, "{v}");
 
+    // interrupted while the workload runs: it is stopped, everything unmounted and
+    // removed, and the tag never written
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let interrupted = format!("{host}/opt/app:interrupted");
+    let child = Command::new(BIN)
+        .args(["convert", &src, &interrupted, "--optimize", "--tmp-dir"])
+        .arg(&tmp)
+        .args(["--", "/bin/sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mounted = || {
+        common::lazy::mountpoints()
+            .iter()
+            .any(|m| m.starts_with(&tmp))
+    };
+    assert!(
+        support::wait_until(Duration::from_secs(120), mounted),
+        "no recording mount"
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!mounted(), "mounts left behind");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temporary files left"
+    );
+    assert!(Store::registry(&interrupted).top().is_none());
+
     // --prefetch-list: the same order, from a file
     let list = work.path().join("list");
     std::fs::write(
@@ -984,7 +1020,14 @@ fn optimized_python_image_is_fetched_before_python_runs() {
     );
 }
 
-const STARGZ_GRPC: &str = "/tmp/ref-bin/containerd-stargz-grpc";
+/// stargz-snapshotter's daemon, built by .ci/run next to `estargz-ref`.
+fn stargz_grpc() -> PathBuf {
+    let dir = std::env::var_os("ESTARGZ_REF")
+        .map(PathBuf::from)
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/tmp/ref-bin"));
+    dir.join("containerd-stargz-grpc")
+}
 const CTR_REMOTE: &str = "/usr/bin/ctr-remote";
 const MOTD: &str = "converted by lazysnap convert";
 
@@ -1011,7 +1054,7 @@ impl StargzDaemon {
             log: log.clone(),
         };
         let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(STARGZ_GRPC)
+        let child = Command::new(stargz_grpc())
             .arg("-root")
             .arg(&d.root)
             .arg("-address")
@@ -1128,13 +1171,14 @@ fn rpull_and_run(
 
 #[test]
 fn converted_images_run_lazily_under_lazysnap_and_stargz() {
+    let stargz = stargz_grpc();
     if !support::require(
         &[
             "/usr/bin/containerd",
             "/usr/sbin/runc",
             "/usr/bin/docker-registry",
             CTR_REMOTE,
-            STARGZ_GRPC,
+            stargz.to_str().unwrap_or(""),
         ],
         "converted images run lazily",
     ) {

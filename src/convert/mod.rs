@@ -105,6 +105,9 @@ pub fn convert(
             "legacy stargz is read-only; convert to estargz instead".into(),
         ));
     }
+    if matches!(opts.priorities, Priorities::Record(_)) {
+        optimize::check_root()?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lazysnap-convert-io")

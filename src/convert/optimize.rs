@@ -117,6 +117,16 @@ fn command_line(run: &RunConfig, w: &Workload) -> Result<(Vec<String>, Vec<Strin
     Ok((argv, env, cwd))
 }
 
+/// The recording run mounts filesystems and makes namespaces: it needs root.
+pub(crate) fn check_root() -> Result<()> {
+    if nix::unistd::Uid::effective().is_root() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(
+        "--optimize needs root (FUSE, overlayfs and namespaces)".into(),
+    ))
+}
+
 /// Mounts `layers` (base first) lazily with a recorder, runs the workload in the
 /// root filesystem under `work`, and returns the opened files of each layer, in
 /// order, and what happened.
@@ -126,11 +136,7 @@ pub(crate) fn record(
     w: &Workload,
     work: &Path,
 ) -> Result<(Vec<Vec<String>>, Recording)> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Err(Error::InvalidArgument(
-            "--optimize needs root (FUSE, overlayfs and namespaces)".into(),
-        ));
-    }
+    check_root()?;
     let (argv, env, cwd) = command_line(run, w)?;
     let cache = Arc::new(ChunkCache::new(&CacheConfig::default())?);
     let cfg = LayerConfig {

@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
@@ -22,6 +23,51 @@ const DEVICES: [(&str, u32, u32); 6] = [
     ("urandom", 1, 9),
     ("tty", 5, 0),
 ];
+
+/// Set by SIGINT or SIGTERM while a workload runs: it is stopped, and the caller
+/// unmounts the root filesystem on its way out instead of dying with it mounted.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn interrupted(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM handlers for the time a workload runs; the old ones come back
+/// on drop.
+struct Interruptible {
+    old: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl Interruptible {
+    fn install() -> Interruptible {
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        let mut old = Vec::new();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction with a handler that only stores an atomic.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = interrupted as *const () as libc::sighandler_t;
+                libc::sigemptyset(&mut sa.sa_mask);
+                let mut prev: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, &sa, &mut prev) == 0 {
+                    old.push((sig, prev));
+                }
+            }
+        }
+        Interruptible { old }
+    }
+}
+
+impl Drop for Interruptible {
+    fn drop(&mut self) {
+        for (sig, prev) in &self.old {
+            // SAFETY: restores what sigaction returned.
+            unsafe {
+                libc::sigaction(*sig, prev, std::ptr::null_mut());
+            }
+        }
+    }
+}
 
 /// How a workload ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,11 +162,21 @@ pub(crate) fn run(
     unsafe {
         cmd.pre_exec(move || enter(&root_c, proc_c.as_deref(), &cwd_c));
     }
+    let signals = Interruptible::install();
     let mut child = cmd
         .spawn()
         .map_err(|e| Error::io(format!("running {program} in the image"), e))?;
     let start = Instant::now();
     loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(signals);
+            return Err(Error::io(
+                format!("running {program} in the image"),
+                io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+            ));
+        }
         if let Some(st) = child.try_wait().ctx(|| format!("waiting for {program}"))? {
             // the waiting process leaves with the command's code, 128+N for signal N
             return Ok(match (st.code(), st.signal()) {
