@@ -72,6 +72,12 @@ pub enum Error {
     /// The metadata store failed.
     #[error("metadata store: {0}")]
     Store(String),
+    /// A registry request failed (the message names registry, repository and object).
+    #[error(transparent)]
+    Registry(#[from] lazysnap_registry::Error),
+    /// What a reference or directory names is not a container image.
+    #[error("{image}: not a container image: {reason}")]
+    NotAnImage { image: String, reason: String },
 }
 
 impl Error {

@@ -6,6 +6,7 @@ pub mod format;
 
 pub use error::{Error, Result};
 pub mod cache;
+pub mod convert;
 pub mod layer;
 pub mod service;
 pub mod snapshot;

@@ -39,7 +39,15 @@ fn main() -> ExitCode {
             ExitCode::from(141)
         }
         Err(e) => {
-            eprintln!("lazysnap: {e:#}");
+            // one line; a cause the message already ends with is not repeated
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.ends_with(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("lazysnap: {msg}");
             ExitCode::FAILURE
         }
     }

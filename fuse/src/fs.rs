@@ -184,6 +184,9 @@ impl LayerFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        if let Some(file) = self.tree.file(node) {
+            self.content.opened(file);
+        }
         let fh = FileHandle(node.ino());
         if !self.passthrough.load(Ordering::Relaxed) {
             return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);

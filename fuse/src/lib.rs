@@ -52,6 +52,12 @@ pub trait Content: Send + Sync + 'static {
     /// thread, so an implementation that must fetch hands the reply to its own worker.
     fn read(&self, file: FileId, offset: u64, size: u32, reply: ReadReply);
 
+    /// Called at every open of `file`, before anything else (an access recorder notes
+    /// which files a workload opens, in order). Must be cheap; does nothing by default.
+    fn opened(&self, file: FileId) {
+        let _ = file;
+    }
+
     /// Called at open: a local file holding the whole content, if the file is fully
     /// cached, so that the kernel can read it directly (FUSE passthrough).
     fn backing_file(&self, file: FileId) -> Option<std::fs::File> {

@@ -28,7 +28,7 @@ const MAX_CONFIG: u64 = 16 << 20;
 /// concurrency limits and counters.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
-    transport: Arc<Transport>,
+    pub(crate) transport: Arc<Transport>,
 }
 
 /// A resolved image: the platform manifest, its config, and the layer descriptors
@@ -55,12 +55,15 @@ pub struct Image {
     pub layers: Vec<Descriptor>,
 }
 
-/// A fetched manifest document.
+/// A manifest or index exactly as the registry sent it (digest verified).
 #[derive(Debug, Clone)]
-struct Document {
-    bytes: Bytes,
-    media_type: String,
-    digest: Digest,
+pub struct Document {
+    /// The document's bytes.
+    pub bytes: Bytes,
+    /// Its media type, from `Content-Type` (empty if the registry sent none).
+    pub media_type: String,
+    /// Its digest.
+    pub digest: Digest,
 }
 
 impl RegistryClient {
@@ -157,6 +160,12 @@ impl RegistryClient {
             config,
             layers: m.layers,
         })
+    }
+
+    /// Fetches the manifest or index `reference` names as it is, without following an
+    /// index to a platform (converters and copiers need every platform).
+    pub async fn fetch_manifest(&self, reference: &Reference) -> Result<Document> {
+        self.fetch_document(reference).await
     }
 
     /// Fetches the manifest or index `reference` names and checks its digest (against

@@ -1,5 +1,5 @@
 //! The HTTP layer shared by manifests and blobs: one reqwest client per TLS setup,
-//! per-host concurrency limits, authentication state per (host, repository), and the
+//! per-host concurrency limits, authentication state per (host, [`Scope`]), and the
 //! retry loop (jittered exponential back-off, `Retry-After`, re-authentication on 401,
 //! mirrors in order, then the origin).
 
@@ -44,6 +44,37 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 const HOST_DOWN_FOR: Duration = Duration::from_secs(30);
 /// Token lifetime when the token server does not say (distribution's default).
 const DEFAULT_TOKEN_LIFETIME: u64 = 60;
+
+/// What a request needs a token for: the token-service scopes, and the slot its
+/// Authorization header is kept in (pulls of a repository share one; pushes, which
+/// need more rights, and cross-repository mounts have their own).
+#[derive(Debug, Clone)]
+pub(crate) struct Scope {
+    slot: String,
+    scopes: Vec<String>,
+}
+
+impl Scope {
+    /// Reading `repository`.
+    pub(crate) fn pull(repository: &str) -> Scope {
+        Scope {
+            slot: repository.to_string(),
+            scopes: vec![format!("repository:{repository}:pull")],
+        }
+    }
+
+    /// Writing `repository`, and reading `mount_from` to mount blobs from it.
+    pub(crate) fn push(repository: &str, mount_from: Option<&str>) -> Scope {
+        let mut scopes = vec![format!("repository:{repository}:pull,push")];
+        if let Some(from) = mount_from.filter(|f| *f != repository) {
+            scopes.push(format!("repository:{from}:pull"));
+        }
+        Scope {
+            slot: scopes.join(" "),
+            scopes,
+        }
+    }
+}
 
 /// Why one attempt failed, and what the retry loop should do about it.
 #[derive(Debug)]
@@ -183,7 +214,7 @@ fn redirect_target(resp: &Response, current: &Url) -> Result<Url, Failure> {
         .map_err(|_| Failure::fatal(ErrorKind::Protocol, "redirect to an invalid URL"))
 }
 
-async fn send_counted(
+pub(crate) async fn send_counted(
     req: reqwest::RequestBuilder,
     counters: &[&Counters],
 ) -> Result<Response, Failure> {
@@ -323,7 +354,7 @@ struct TlsKey {
     ca: Vec<PathBuf>,
 }
 
-/// Authentication state of one (host, repository).
+/// Authentication state of one (host, scope).
 #[derive(Default)]
 struct AuthState {
     header: Option<HeaderValue>,
@@ -332,7 +363,7 @@ struct AuthState {
     generation: u64,
 }
 
-/// Auth state of one (host authority, repository), locked across a token fetch so
+/// Auth state of one (host authority, scope slot), locked across a token fetch so
 /// concurrent readers share one refresh.
 type AuthSlot = Arc<tokio::sync::Mutex<AuthState>>;
 
@@ -459,9 +490,9 @@ impl Transport {
             .clone()
     }
 
-    fn auth_slot(&self, host: &Host, repository: &str) -> AuthSlot {
+    fn auth_slot(&self, host: &Host, scope: &Scope) -> AuthSlot {
         let mut map = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((host.authority(), repository.to_string()))
+        map.entry((host.authority(), scope.slot.clone()))
             .or_default()
             .clone()
     }
@@ -471,16 +502,16 @@ impl Transport {
     async fn current_auth(
         &self,
         attempt: &Attempt,
-        repository: &str,
+        scope: &Scope,
     ) -> Result<(Option<HeaderValue>, u64), Failure> {
-        let slot = self.auth_slot(&attempt.host, repository);
+        let slot = self.auth_slot(&attempt.host, scope);
         let mut st = slot.lock().await;
         let expired = st
             .expires
             .is_some_and(|e| Instant::now() + TOKEN_MARGIN >= e);
         if expired && let Some(ch) = st.challenge.clone() {
-            debug!(host = %attempt.host.authority(), repository, "refreshing bearer token before expiry");
-            let (h, exp) = self.authenticate(attempt, repository, &ch).await?;
+            debug!(host = %attempt.host.authority(), scope = %scope.slot, "refreshing bearer token before expiry");
+            let (h, exp) = self.authenticate(attempt, scope, &ch).await?;
             st.header = Some(h);
             st.expires = exp;
             st.generation += 1;
@@ -493,11 +524,11 @@ impl Transport {
     async fn reauthenticate(
         &self,
         attempt: &Attempt,
-        repository: &str,
+        scope: &Scope,
         challenge: Option<&str>,
         generation: u64,
     ) -> Result<(), Failure> {
-        let slot = self.auth_slot(&attempt.host, repository);
+        let slot = self.auth_slot(&attempt.host, scope);
         let mut st = slot.lock().await;
         if st.generation != generation {
             return Ok(());
@@ -514,7 +545,7 @@ impl Transport {
                     "401 without a usable WWW-Authenticate challenge",
                 )
             })?;
-        let (h, exp) = self.authenticate(attempt, repository, &ch).await?;
+        let (h, exp) = self.authenticate(attempt, scope, &ch).await?;
         st.header = Some(h);
         st.expires = exp;
         st.challenge = Some(ch);
@@ -523,11 +554,11 @@ impl Transport {
     }
 
     /// Turns a challenge into an Authorization header: Basic directly, Bearer through
-    /// the token service with `repository:<repo>:pull` scope.
+    /// the token service with the scopes of `scope`.
     async fn authenticate(
         &self,
         attempt: &Attempt,
-        repository: &str,
+        scope: &Scope,
         ch: &Challenge,
     ) -> Result<(HeaderValue, Option<Instant>), Failure> {
         let cred_host = if attempt.host.mirror {
@@ -582,7 +613,6 @@ impl Transport {
                 "bearer realm is not http(s)",
             ));
         }
-        let scope = format!("repository:{repository}:pull");
         let service = ch.params.get("service").cloned().unwrap_or_default();
         let req = match &cred {
             Some(Credential::IdentityToken(refresh)) => {
@@ -592,7 +622,7 @@ impl Transport {
                     .append_pair("grant_type", "refresh_token")
                     .append_pair("refresh_token", refresh)
                     .append_pair("service", &service)
-                    .append_pair("scope", &scope)
+                    .extend_pairs(scope.scopes.iter().map(|s| ("scope", s)))
                     .append_pair("client_id", "lazysnap");
                 attempt
                     .client
@@ -606,7 +636,7 @@ impl Transport {
                     if !service.is_empty() {
                         q.append_pair("service", &service);
                     }
-                    q.append_pair("scope", &scope);
+                    q.extend_pairs(scope.scopes.iter().map(|s| ("scope", s)));
                 }
                 let mut r = attempt.client.get(url.clone());
                 if let Some(Credential::Basic { username, password }) = other {
@@ -664,21 +694,41 @@ impl Transport {
                 )
             })?;
         let lifetime = Duration::from_secs(t.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME).max(1));
-        debug!(host = %attempt.host.authority(), repository, "obtained bearer token");
+        debug!(host = %attempt.host.authority(), scope = %scope.slot, "obtained bearer token");
         Ok((
             header(format!("Bearer {token}"))?,
             Some(Instant::now() + lifetime),
         ))
     }
 
-    /// Runs `op` against `hosts` in order, with retries per host. `what` prefixes the
-    /// final error message (e.g. `range 0-99`).
+    /// Runs `op` against `hosts` in order, with retries per host, authenticated to
+    /// read the target's repository. `what` prefixes the final error message (e.g.
+    /// `range 0-99`).
     pub(crate) async fn run<T, F, Fut>(
         &self,
         target: &Target,
         what: &str,
         hosts: &[Host],
         extra: Option<&Counters>,
+        op: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let scope = Scope::pull(&target.repository);
+        self.run_scoped(target, what, hosts, extra, &scope, op)
+            .await
+    }
+
+    /// [`Transport::run`] with tokens for `scope`.
+    pub(crate) async fn run_scoped<T, F, Fut>(
+        &self,
+        target: &Target,
+        what: &str,
+        hosts: &[Host],
+        extra: Option<&Counters>,
+        scope: &Scope,
         mut op: F,
     ) -> Result<T>
     where
@@ -715,7 +765,7 @@ impl Transport {
                     timeout: self.config.request_timeout(),
                 };
                 attempts += 1;
-                let result = match self.current_auth(&attempt, &target.repository).await {
+                let result = match self.current_auth(&attempt, scope).await {
                     Err(f) => Err((f, 0)),
                     Ok((h, generation)) => {
                         attempt.auth = h;
@@ -742,12 +792,7 @@ impl Transport {
                         // An authentication round trip is not a failed attempt.
                         attempts -= 1;
                         match self
-                            .reauthenticate(
-                                &attempt,
-                                &target.repository,
-                                challenge.as_deref(),
-                                generation,
-                            )
+                            .reauthenticate(&attempt, scope, challenge.as_deref(), generation)
                             .await
                         {
                             Ok(()) => continue,

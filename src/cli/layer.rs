@@ -152,13 +152,7 @@ fn input_tar(path: &Path) -> Result<(FileSource, Option<tempfile::NamedTempFile>
 fn convert(a: ConvertArgs) -> Result<()> {
     let (src, _tmp) = input_tar(&a.input)?;
     let prioritized = match &a.prioritized {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read the prioritized list", p.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(String::from)
-            .collect(),
+        Some(p) => read_path_list(p)?,
         None => Vec::new(),
     };
     let opts = WriteOptions {
@@ -198,6 +192,18 @@ fn convert(a: ConvertArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Paths listed in a file, one a line, in order (blank lines and `#` comments
+/// skipped): what `--prioritized` and `--prefetch-list` read.
+pub fn read_path_list(p: &Path) -> Result<Vec<String>> {
+    Ok(std::fs::read_to_string(p)
+        .with_context(|| format!("{}: cannot read the list of paths", p.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect())
 }
 
 /// A blob to read: a local file, or a registry blob read by ranges (the runtime

@@ -1,5 +1,6 @@
 //! The `lazysnap` command line.
 
+pub mod convert;
 pub mod layer;
 pub mod mount;
 pub mod serve;
@@ -19,6 +20,9 @@ pub struct Cli {
 /// Top-level subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Convert a whole image (registry or OCI layout) to eStargz or zstd:chunked,
+    /// optionally optimized for a workload.
+    Convert(convert::ConvertArgs),
     /// Work with single layer blobs: convert, list, read, verify.
     #[command(subcommand)]
     Layer(layer::LayerCommand),
@@ -37,6 +41,7 @@ pub enum Command {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Convert(a) => convert::run(a),
         Command::Layer(c) => layer::run(c),
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),

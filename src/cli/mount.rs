@@ -11,7 +11,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use lazysnap::cache::{CacheConfig, ChunkCache};
 use lazysnap::format::OpenOptions;
-use lazysnap::layer::mount::mount_layer;
+use lazysnap::layer::mount::LayerContent;
+use lazysnap::layer::rootfs::Rootfs;
 use lazysnap::layer::workers::Workers;
 use lazysnap::layer::{FileBlob, LayerConfig, RegistryBlob, RemoteBlob, RemoteLayer, image};
 use lazysnap_fuse::MountOptions;
@@ -50,36 +51,19 @@ pub struct MountArgs {
     stats: bool,
 }
 
-struct Mounted {
-    layer: Arc<RemoteLayer>,
-    fuse: Option<lazysnap_fuse::Mount>,
-}
-
-/// Everything this command mounted, torn down in reverse order on drop.
+/// Stops the background fetches, then unmounts (on every way out).
 struct Cleanup {
-    overlay: Option<PathBuf>,
-    mounts: Vec<Mounted>,
-    dirs: Vec<PathBuf>,
+    rootfs: Option<Rootfs>,
     stop: Arc<AtomicBool>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(o) = self.overlay.take()
-            && let Err(e) = nix::mount::umount2(&o, nix::mount::MntFlags::MNT_DETACH)
+        if let Some(r) = self.rootfs.take()
+            && let Err(e) = r.unmount()
         {
-            eprintln!("lazysnap: unmounting {}: {e}", o.display());
-        }
-        for m in self.mounts.iter_mut().rev() {
-            if let Some(f) = m.fuse.take()
-                && let Err(e) = f.unmount()
-            {
-                eprintln!("lazysnap: {e}");
-            }
-        }
-        for d in self.dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
+            eprintln!("lazysnap: {e}");
         }
     }
 }
@@ -157,51 +141,20 @@ pub fn run(a: MountArgs) -> Result<()> {
         }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut cleanup = Cleanup {
-        overlay: None,
-        mounts: Vec::new(),
-        dirs: Vec::new(),
-        stop: stop.clone(),
-    };
+    // each layer is opened and its prioritized files prefetched before the root
+    // filesystem appears, so that the first reader finds them
     let workers = Workers::new(8, "lazysnap-read");
-    let private = std::env::temp_dir().join(format!("lazysnap-mount-{}", std::process::id()));
-    let single = blobs.len() == 1;
+    let mut layers = Vec::new();
     for (i, (blob, opts)) in blobs.into_iter().enumerate() {
         let name = blob.name().to_string();
         let layer = RemoteLayer::open(blob, &opts, cache.clone(), cfg.clone())
             .with_context(|| format!("{name}: cannot open lazily"))?;
-        let mp = if single {
-            a.dir.clone()
-        } else {
-            let d = private.join(i.to_string());
-            std::fs::create_dir_all(&d).with_context(|| format!("{}", d.display()))?;
-            cleanup.dirs.push(d.clone());
-            d
-        };
-        let fuse = mount_layer(
-            layer.clone(),
-            &mp,
-            &MountOptions {
-                fs_name: format!(
-                    "lazysnap:{}",
-                    layer.toc_digest().hex().get(..12).unwrap_or("")
-                ),
-                passthrough: !a.no_passthrough,
-                ..MountOptions::default()
-            },
-            workers.clone(),
-        )?;
-        cleanup.mounts.push(Mounted {
-            layer: layer.clone(),
-            fuse: Some(fuse),
-        });
         let fetched = layer.prefetch().unwrap_or_else(|e| {
             eprintln!("lazysnap: {name}: prefetch failed: {e}");
             0
         });
         eprintln!(
-            "lazysnap: layer {i} {} ({} entries{}) mounted",
+            "lazysnap: layer {i} {} ({} entries{}) opened",
             name,
             layer.index().entry_count(),
             if fetched > 0 {
@@ -210,7 +163,29 @@ pub fn run(a: MountArgs) -> Result<()> {
                 String::new()
             }
         );
-        if cfg.background_fetch {
+        layers.push(layer);
+    }
+    let private = std::env::temp_dir().join(format!("lazysnap-mount-{}", std::process::id()));
+    let contents = layers
+        .iter()
+        .map(|l| LayerContent::new(l.clone(), workers.clone()))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cleanup = Cleanup {
+        rootfs: Some(Rootfs::mount(
+            contents,
+            &a.dir,
+            &private,
+            None,
+            &MountOptions {
+                passthrough: !a.no_passthrough,
+                ..MountOptions::default()
+            },
+        )?),
+        stop: stop.clone(),
+    };
+    if cfg.background_fetch {
+        for layer in &layers {
             let (l, s) = (layer.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("lazysnap-bg".into())
@@ -221,32 +196,6 @@ pub fn run(a: MountArgs) -> Result<()> {
                 })
                 .context("starting the background fetch")?;
         }
-    }
-    if !single {
-        let lower: Vec<String> = cleanup
-            .mounts
-            .iter()
-            .rev()
-            .enumerate()
-            .map(|(j, _)| {
-                private
-                    .join((cleanup.mounts.len() - 1 - j).to_string())
-                    .display()
-                    .to_string()
-            })
-            .collect();
-        // xino: inode numbers stay unique across layers (each FUSE layer numbers from 1)
-        let data = format!("lowerdir={},xino=on", lower.join(":"));
-        nix::mount::mount(
-            Some("overlay"),
-            &a.dir,
-            Some("overlay"),
-            nix::mount::MsFlags::MS_RDONLY,
-            Some(data.as_str()),
-        )
-        .with_context(|| format!("{}: overlay mount failed", a.dir.display()))?;
-        cleanup.overlay = Some(a.dir.clone());
-        cleanup.dirs.push(private.clone());
     }
     eprintln!(
         "lazysnap: {} mounted; Ctrl-C or umount to stop",
@@ -269,7 +218,7 @@ pub fn run(a: MountArgs) -> Result<()> {
         Ok::<_, std::io::Error>(())
     })?;
     if a.stats {
-        let stats: Vec<_> = cleanup.mounts.iter().map(|m| m.layer.stats()).collect();
+        let stats: Vec<_> = layers.iter().map(|l| l.stats()).collect();
         println!("{}", serde_json::to_string_pretty(&stats)?);
     }
     drop(cleanup);

@@ -3,11 +3,13 @@
 //! run of adjacent chunks, shared by concurrent readers, decompressed, verified
 //! against their digests, cached and returned.
 
+pub mod access;
 pub mod blob;
 mod bulk;
 mod fetch;
 pub mod image;
 pub mod mount;
+pub mod rootfs;
 pub mod tail;
 pub mod workers;
 

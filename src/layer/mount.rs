@@ -11,6 +11,7 @@ use lazysnap_fuse::{
 };
 
 use super::RemoteLayer;
+use super::access::AccessRecorder;
 use super::workers::Workers;
 use crate::error::{Error, Result};
 use crate::format::index::{Index, Node};
@@ -86,16 +87,48 @@ pub fn build_tree(index: &Index) -> Result<Tree> {
 pub struct LayerContent {
     layer: Arc<RemoteLayer>,
     workers: Arc<Workers>,
+    /// Where opens are recorded, with this layer's number in the stack.
+    recorder: Option<(Arc<AccessRecorder>, usize)>,
 }
 
 impl LayerContent {
     /// Serves `layer`, fetching on `workers`.
     pub fn new(layer: Arc<RemoteLayer>, workers: Arc<Workers>) -> Arc<Self> {
-        Arc::new(LayerContent { layer, workers })
+        Arc::new(LayerContent {
+            layer,
+            workers,
+            recorder: None,
+        })
+    }
+
+    /// Serves `layer` and records every first open of its files in `recorder` as
+    /// layer number `layer_no`.
+    pub fn recording(
+        layer: Arc<RemoteLayer>,
+        workers: Arc<Workers>,
+        recorder: Arc<AccessRecorder>,
+        layer_no: usize,
+    ) -> Arc<Self> {
+        Arc::new(LayerContent {
+            layer,
+            workers,
+            recorder: Some((recorder, layer_no)),
+        })
+    }
+
+    /// The layer served.
+    pub fn layer(&self) -> &Arc<RemoteLayer> {
+        &self.layer
     }
 }
 
 impl Content for LayerContent {
+    fn opened(&self, file: FileId) {
+        if let (Some((r, no)), Ok(id)) = (&self.recorder, NodeId::try_from(file)) {
+            r.record(*no, id);
+        }
+    }
+
     fn read(&self, file: FileId, offset: u64, size: u32, reply: ReadReply) {
         let Ok(id) = NodeId::try_from(file) else {
             reply.error(libc::EIO);
@@ -146,12 +179,21 @@ pub fn mount_layer(
     opts: &MountOptions,
     workers: Arc<Workers>,
 ) -> Result<lazysnap_fuse::Mount> {
+    mount_content(LayerContent::new(layer, workers), mountpoint, opts)
+}
+
+/// Mounts the layer `content` serves read-only at `mountpoint`.
+pub fn mount_content(
+    content: Arc<LayerContent>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<lazysnap_fuse::Mount> {
+    let layer = content.layer.clone();
     // a TOC name the tree refuses (NUL, too long) is the layer's fault: name it
     let tree = Arc::new(build_tree(layer.index()).map_err(|e| Error::Fetch {
         blob: layer.name().to_string(),
         reason: e.to_string(),
     })?);
-    let content = LayerContent::new(layer.clone(), workers);
     lazysnap_fuse::mount(tree, content, mountpoint, opts).map_err(|e| {
         Error::io(
             format!(

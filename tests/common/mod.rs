@@ -622,6 +622,18 @@ pub fn go_quote(b: &[u8]) -> String {
 /// A busybox root filesystem (as a tar) whose `/etc/motd` says `motd`, with a
 /// 24 MiB file the container never reads: the bytes a lazy pull must not fetch.
 pub fn busybox_tar(motd: &str, seed: u64) -> Vec<u8> {
+    busybox_rootfs(
+        motd,
+        &[
+            ("data/", Vec::new()),
+            ("data/unread.bin", prng_bytes(seed, 24 << 20)),
+        ],
+    )
+}
+
+/// A busybox root filesystem (as a tar): `/bin/busybox` with applet links,
+/// `/etc/motd` saying `motd`, and `files` (a path ending in `/` is a directory).
+pub fn busybox_rootfs(motd: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |path: &str, mode: u32, data: &[u8], kind: tar::EntryType, link: Option<&str>| {
         let mut h = tar::Header::new_ustar();
@@ -629,12 +641,14 @@ pub fn busybox_tar(motd: &str, seed: u64) -> Vec<u8> {
         h.set_mode(mode);
         h.set_size(data.len() as u64);
         h.set_mtime(1_600_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         match link {
             Some(l) => b.append_link(&mut h, path, l).unwrap(),
             None => b.append_data(&mut h, path, data).unwrap(),
         }
     };
-    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/", "data/"] {
+    for d in ["bin/", "etc/", "tmp/", "proc/", "sys/", "dev/"] {
         add(d, 0o755, b"", tar::EntryType::Directory, None);
     }
     add(
@@ -644,7 +658,7 @@ pub fn busybox_tar(motd: &str, seed: u64) -> Vec<u8> {
         tar::EntryType::Regular,
         None,
     );
-    for a in ["sh", "cat", "echo", "ls"] {
+    for a in ["sh", "cat", "echo", "ls", "sleep"] {
         add(
             &format!("bin/{a}"),
             0o777,
@@ -660,12 +674,12 @@ pub fn busybox_tar(motd: &str, seed: u64) -> Vec<u8> {
         tar::EntryType::Regular,
         None,
     );
-    add(
-        "data/unread.bin",
-        0o644,
-        &prng_bytes(seed, 24 << 20),
-        tar::EntryType::Regular,
-        None,
-    );
+    for (path, data) in files {
+        if path.ends_with('/') {
+            add(path, 0o755, b"", tar::EntryType::Directory, None);
+        } else {
+            add(path, 0o644, data, tar::EntryType::Regular, None);
+        }
+    }
     b.into_inner().unwrap()
 }

@@ -41,10 +41,19 @@ fn free_port() -> u16 {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with("")
+    }
+
+    /// A registry in read-only maintenance mode: every push answers 405.
+    pub fn start_read_only() -> Registry {
+        Self::start_with("  maintenance:\n    readonly:\n      enabled: true\n")
+    }
+
+    fn start_with(storage_extra: &str) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let cfg = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n{storage_extra}http:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
         let cfg_path = dir.path().join("config.yml");
@@ -136,6 +145,28 @@ impl Registry {
         digest
     }
 
+    /// Puts a manifest or index under `reference` (tag or digest); returns its digest.
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> String {
+        let tmp = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(tmp.path(), body).expect("write");
+        self.curl(&[
+            "-X",
+            "PUT",
+            "-H",
+            &format!("Content-Type: {media_type}"),
+            "--data-binary",
+            &format!("@{}", tmp.path().display()),
+            &format!("http://{}/v2/{repo}/manifests/{reference}", self.host()),
+        ]);
+        format!("sha256:{}", sha256_hex(body))
+    }
+
     /// Pushes an OCI image with these layers (blob, media type, annotations, diff id)
     /// and returns the reference `host/repo:tag`.
     pub fn push_image(&self, repo: &str, tag: &str, layers: &[Layer]) -> String {
@@ -144,17 +175,12 @@ impl Registry {
         for l in layers {
             self.push_blob(repo, &l.blob);
         }
-        let tmp = tempfile::NamedTempFile::new().expect("tmp");
-        std::fs::write(tmp.path(), &manifest).expect("write");
-        self.curl(&[
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/vnd.oci.image.manifest.v1+json",
-            "--data-binary",
-            &format!("@{}", tmp.path().display()),
-            &format!("http://{}/v2/{repo}/manifests/{tag}", self.host()),
-        ]);
+        self.push_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.as_bytes(),
+        );
         format!("{}/{repo}:{tag}", self.host())
     }
 

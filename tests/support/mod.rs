@@ -309,7 +309,13 @@ pub struct Containerd {
 impl Containerd {
     /// Starts containerd in `dir`, with the proxy plugin pointing at `snapshotter_socket`.
     pub fn start(dir: &Path, snapshotter_socket: &Path) -> Containerd {
-        Self::start_config(dir, snapshotter_socket, false)
+        Self::start_config(dir, "lazysnap", snapshotter_socket, false)
+    }
+
+    /// Like [`Containerd::start`], with the proxy snapshotter named `plugin` (another
+    /// snapshotter, such as stargz-snapshotter, listening on `snapshotter_socket`).
+    pub fn start_with_plugin(dir: &Path, plugin: &str, snapshotter_socket: &Path) -> Containerd {
+        Self::start_config(dir, plugin, snapshotter_socket, false)
     }
 
     /// Like [`Containerd::start`], with the CRI plugin enabled: `lazysnap` is CRI's
@@ -320,10 +326,10 @@ impl Containerd {
     /// server on 127.0.0.1. No CNI config: run no pods with networking. Waits until
     /// the CRI plugin is loaded.
     pub fn start_with_cri(dir: &Path, snapshotter_socket: &Path) -> Containerd {
-        Self::start_config(dir, snapshotter_socket, true)
+        Self::start_config(dir, "lazysnap", snapshotter_socket, true)
     }
 
-    fn start_config(dir: &Path, snapshotter_socket: &Path, cri: bool) -> Containerd {
+    fn start_config(dir: &Path, plugin: &str, snapshotter_socket: &Path, cri: bool) -> Containerd {
         std::fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
         let root = dir.join("root");
@@ -360,7 +366,7 @@ state = "{state}"
 [ttrpc]
   address = "{addr}.ttrpc"
 
-[proxy_plugins.lazysnap]
+[proxy_plugins.{plugin}]
   type = "snapshot"
   address = "{snap}"
 {cri_plugin}"#,

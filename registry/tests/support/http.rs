@@ -26,6 +26,15 @@ impl Request {
             })
             .collect()
     }
+    /// Every value of a query parameter that may repeat (`scope=a&scope=b`).
+    pub fn query_all(&self, name: &str) -> Vec<String> {
+        let q = self.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+        q.split('&')
+            .filter_map(|p| p.split_once('='))
+            .filter(|(k, _)| decode(k) == name)
+            .map(|(_, v)| decode(v))
+            .collect()
+    }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .get(&name.to_ascii_lowercase())

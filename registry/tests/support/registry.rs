@@ -61,6 +61,15 @@ impl Drop for Registry {
 
 impl Registry {
     pub fn start(auth: Auth, tls: Option<Tls>) -> Registry {
+        Self::start_with(auth, tls, false)
+    }
+
+    /// A registry in read-only maintenance mode: every write answers 405.
+    pub fn start_read_only() -> Registry {
+        Self::start_with(Auth::None, None, true)
+    }
+
+    fn start_with(auth: Auth, tls: Option<Tls>, read_only: bool) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = super::free_port();
         let storage = dir.path().join("storage");
@@ -69,6 +78,12 @@ impl Registry {
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: lazysnap-test-secret\n",
             storage.display()
         );
+        if read_only {
+            cfg = cfg.replace(
+                "  delete:\n",
+                "  maintenance:\n    readonly:\n      enabled: true\n  delete:\n",
+            );
+        }
         let scheme = if let Some(t) = &tls {
             let cert = dir.path().join("server.pem");
             let key = dir.path().join("server.key");

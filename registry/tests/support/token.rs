@@ -165,8 +165,9 @@ impl TokenServer {
                                 b"{\"details\":\"bad credentials\"}",
                             )
                         } else {
-                            let q = req.query();
-                            let scope = q.get("scope").cloned().unwrap_or_default();
+                            // several scopes (a push that mounts) arrive as
+                            // repeated parameters; the token grants them all
+                            let scope = req.query_all("scope").join(" ");
                             scopes.lock().expect("lock").push(scope.clone());
                             let body = format!(
                                 r#"{{"token":"{}","expires_in":300}}"#,
