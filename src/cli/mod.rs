@@ -1,5 +1,6 @@
 //! The `lazysnap` command line.
 
+pub mod fd_holder;
 pub mod layer;
 pub mod mount;
 pub mod serve;
@@ -28,6 +29,9 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Show the running daemon's snapshots and mounted layers with fetch progress.
     Status(status::StatusArgs),
+    /// Keep the daemon's FUSE connections open across its restarts (started by `serve`).
+    #[command(hide = true)]
+    FdHolder(fd_holder::FdHolderArgs),
 }
 
 /// Runs the parsed command.
@@ -37,5 +41,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
     }
 }

@@ -20,9 +20,10 @@ use super::remote::RemoteFs;
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::error::{Error, Result};
 use crate::format::{ANNOTATION_TOC_DIGEST, OpenOptions};
-use crate::layer::mount::mount_layer;
 use crate::layer::workers::Workers;
 use crate::layer::{LayerConfig, RegistryBlob, RemoteLayer, image};
+
+mod handover;
 
 /// Layer descriptor annotations containerd forwards as labels (prefix
 /// `containerd.io/snapshot/`): the eStargz TOC digest.
@@ -46,6 +47,7 @@ struct Inner {
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     layers: Mutex<HashMap<String, Weak<RemoteLayer>>>,
     images: Mutex<HashMap<String, Arc<Image>>>,
+    handover: handover::State,
 }
 
 /// Lazily mounted layers for the snapshotter.
@@ -78,6 +80,7 @@ impl LazyFs {
             mounts: Mutex::new(HashMap::new()),
             layers: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            handover: handover::State::default(),
         });
         Ok(LazyFs {
             inner,
@@ -101,7 +104,12 @@ impl Drop for LazyFs {
             }
         }
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            if self.inner.handover.leaving() {
+                // Left mounts are served until the process exits, from this runtime.
+                std::mem::forget(rt);
+            } else {
+                rt.shutdown_background();
+            }
         }
     }
 }
@@ -211,7 +219,8 @@ impl RemoteFs for LazyFs {
         let labels = labels.clone();
         off_runtime(move || {
             let (layer, reference, digest) = inner.open(&labels)?;
-            let fuse = mount_layer(
+            let fuse = handover::mount_or_resume(
+                &inner.handover,
                 layer.clone(),
                 &mp,
                 &MountOptions {
@@ -223,6 +232,7 @@ impl RemoteFs for LazyFs {
                 },
                 inner.workers.clone(),
             )?;
+            inner.handover.keep(&mp, &fuse, &labels);
             let stop = Arc::new(AtomicBool::new(false));
             // prefetch, then the rest of the layer, off the Prepare path
             let (l, s, bg) = (layer.clone(), stop.clone(), inner.cfg.background_fetch);
@@ -257,7 +267,21 @@ impl RemoteFs for LazyFs {
         })
     }
 
+    fn take_over(&self, snapshots: &[(PathBuf, HashMap<String, String>)]) -> Vec<PathBuf> {
+        self.take_over_held(snapshots)
+    }
+
+    fn restore(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()> {
+        self.restore_lazily(mountpoint, labels);
+        Ok(())
+    }
+
+    fn leave_mounted(&self) -> Vec<PathBuf> {
+        self.leave_kept_mounted()
+    }
+
     fn check(&self, mountpoint: &Path, _labels: &HashMap<String, String>) -> Result<()> {
+        self.ensure_restored(mountpoint)?;
         let known = lock(&self.inner.mounts).contains_key(mountpoint);
         if known && lazysnap_fuse::is_mountpoint(mountpoint) {
             Ok(())
@@ -270,6 +294,7 @@ impl RemoteFs for LazyFs {
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<()> {
+        self.inner.handover.forget(mountpoint);
         let m = lock(&self.inner.mounts).remove(mountpoint);
         if let Some(mut m) = m {
             m.stop.store(true, Ordering::Relaxed);

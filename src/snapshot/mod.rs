@@ -4,11 +4,12 @@
 //! snapshot is committed at once.
 
 pub mod filter;
+pub mod holder;
 pub mod labels;
 pub mod lazyfs;
 pub mod mounts;
 pub mod remote;
-mod restore;
+pub(crate) mod restore;
 pub mod snapshotter;
 pub mod store;
 mod usage;
