@@ -1,6 +1,7 @@
 //! The `lazysnap` command line.
 
 pub mod convert;
+pub mod fd_holder;
 pub mod layer;
 pub mod mount;
 pub mod serve;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Turn remote layers (one snapshot, or every remote layer of an image) into
     /// plain directories, through the running daemon.
     Unlazy(unlazy::UnlazyArgs),
+    /// Keep the daemon's FUSE connections open across its restarts (started by `serve`).
+    #[command(hide = true)]
+    FdHolder(fd_holder::FdHolderArgs),
 }
 
 /// Runs the parsed command.
@@ -47,5 +51,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(a) => status::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Unlazy(a) => unlazy::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
     }
 }

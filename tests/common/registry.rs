@@ -56,24 +56,47 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n{storage_extra}http:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
-        let cfg_path = dir.path().join("config.yml");
-        std::fs::write(&cfg_path, cfg).expect("config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new("/usr/bin/docker-registry")
+        std::fs::write(dir.path().join("config.yml"), cfg).expect("config");
+        let child = Self::spawn(dir.path(), port);
+        Registry { child, port, dir }
+    }
+
+    /// Stops the registry, keeping its storage and port (an outage).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped registry again, on the same port and storage.
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(self.dir.path(), self.port);
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))
+            .expect("log");
+        let mut child = Command::new("/usr/bin/docker-registry")
             .arg("serve")
-            .arg(&cfg_path)
+            .arg(dir.join("config.yml"))
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn docker-registry");
-        let reg = Registry { child, port, dir };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return reg;
+                return child;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("docker-registry did not start: {}", reg.log());
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "docker-registry did not start: {}",
+            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+        );
     }
 
     pub fn host(&self) -> String {
