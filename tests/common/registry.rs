@@ -41,12 +41,33 @@ fn free_port() -> u16 {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// A registry that wants HTTP Basic credentials (`user`, `password`).
+    pub fn start_htpasswd(user: &str, password: &str) -> Registry {
+        let hash = bcrypt::hash_with_result(password, 4)
+            .expect("bcrypt")
+            .format_for_version(bcrypt::Version::TwoA);
+        Self::start_with(Some(format!("{user}:{hash}\n")))
+    }
+
+    /// A registry, with basic auth from this htpasswd file content if given.
+    fn start_with(htpasswd: Option<String>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let cfg = format!(
+        let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
+        if let Some(h) = htpasswd {
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, h).expect("write htpasswd");
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: lazysnap-test\n    path: {}\n",
+                path.display()
+            ));
+        }
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, cfg).expect("config");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
@@ -207,6 +228,18 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// A plain `tar+gzip` layer of `tar`.
+    pub fn gzip(tar: &[u8]) -> Layer {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, tar).expect("gzip");
+        Layer {
+            blob: e.finish().expect("gzip"),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations: BTreeMap::new(),
+            diff_id: format!("sha256:{}", sha256_hex(tar)),
+        }
+    }
+
     /// A layer converted by lazysnap's writer, ready to push.
     pub fn convert(tar: &[u8], opts: &lazysnap::format::writer::WriteOptions) -> Layer {
         let (blob, r) = super::convert(tar, opts);
