@@ -342,9 +342,24 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
         );
     }
 
-    // mixed: gzip base, lazy eStargz middle, gzip top over a FUSE lower dir
-    let s = env.pull_ok(&[&mixed_image]);
-    assert_eq!(layer_states(&s), ["unpacked", "lazy", "unpacked"], "{s}");
+    // mixed: gzip base, lazy eStargz middle, gzip top over a FUSE lower dir; pulled
+    // on a terminal, with progress bars and the summary in words
+    let mut cmd = Command::new("/usr/bin/script");
+    cmd.args(["-q", "-e", "-c"])
+        .arg(format!(
+            "{BIN} pull --address {} --config {} {mixed_image}",
+            env.c.address.display(),
+            env.daemon.config.display()
+        ))
+        .arg("/dev/null");
+    let out = support::run_bounded(cmd, Duration::from_secs(120));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", env.daemon.log());
+    assert!(text.contains("3 layers: 1 lazy, 2 unpacked"), "{text}");
+    assert!(
+        text.contains(&mid_digest[7..19]),
+        "no progress bar drawn: {text}"
+    );
     assert_eq!(
         env.run(
             &mixed_image,

@@ -139,7 +139,6 @@ async fn pull(
         bars: &bars,
     };
     let result = puller.run().await;
-    bars.clear();
     // on failure containerd collects what the lease held before we exit
     let deleted = cd.delete_lease(result.is_err()).await;
     let mut summary = result?;

@@ -83,10 +83,11 @@ impl Summary {
             parts.push("none".into());
         }
         format!(
-            "{} ({})\n{} layers: {}; {} downloaded in {:.2} s",
+            "{} ({})\n{} layer{}: {}; {} downloaded in {:.2} s",
             self.image,
             self.manifest,
             self.layers.len(),
+            if self.layers.len() == 1 { "" } else { "s" },
             parts.join(", "),
             indicatif::HumanBytes(self.downloaded_bytes),
             self.seconds
@@ -120,13 +121,14 @@ impl Bars {
         bar
     }
 
-    /// Ends a layer's bar with its state.
+    /// Ends a layer's bar with its state; only an unpacked layer keeps its bar
+    /// (the others downloaded nothing here).
     pub fn done(bar: &ProgressBar, state: State) {
+        if state != State::Unpacked
+            && let Ok(style) = ProgressStyle::with_template("{prefix} {msg}")
+        {
+            bar.set_style(style);
+        }
         bar.finish_with_message(state.word());
-    }
-
-    /// Removes the bars (before the summary is printed).
-    pub fn clear(&self) {
-        let _ = self.multi.clear();
     }
 }
