@@ -140,14 +140,23 @@ fn content_labels(c: &Containerd, ns: &str) -> BTreeMap<String, BTreeMap<String,
             let cols: Vec<&str> = l.split_whitespace().collect();
             let digest = cols.first()?.to_string();
             let last = cols.last()?;
-            let labels = if last.contains('=') {
-                last.split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect()
-            } else {
-                BTreeMap::new()
-            };
+            let mut labels: BTreeMap<String, String> = BTreeMap::new();
+            let mut current: Option<String> = None;
+            // `k=v,k=v`, where a value may itself hold commas (source repositories)
+            for part in last.split(',').filter(|_| last.contains('=')) {
+                match (part.split_once('='), &current) {
+                    (Some((k, v)), _) if k.starts_with("containerd.io/") => {
+                        labels.insert(k.to_string(), v.to_string());
+                        current = Some(k.to_string());
+                    }
+                    (_, Some(k)) => {
+                        let v = labels.entry(k.clone()).or_default();
+                        v.push(',');
+                        v.push_str(part);
+                    }
+                    _ => panic!("unparsed labels: {last}"),
+                }
+            }
             Some((digest, labels))
         })
         .collect()
@@ -191,6 +200,43 @@ fn layer_dir(c: &Containerd, ns: &str, chain: &str) -> PathBuf {
         .next()
         .expect("lowerdir");
     PathBuf::from(lower.split(':').next().expect("first lower dir"))
+}
+
+/// Pushes an OCI index `repo:v1` whose entry for this platform is an image of
+/// `layers`, after an entry for linux/s390x; returns its reference and the s390x
+/// manifest's digest.
+fn push_index(reg: &Registry, repo: &str, layers: &[Layer]) -> (String, String) {
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    let mut entries = Vec::new();
+    for (arch, layers) in [
+        ("s390x", &[Layer::gzip(&rootfs("other platform"))][..]),
+        (common::registry::go_arch(), layers),
+    ] {
+        let m = reg.image_manifest(repo, layers);
+        let digest = format!("sha256:{}", sha256_hex(&m));
+        reg.push_manifest(repo, &digest, MANIFEST, &m);
+        entries.push(serde_json::json!({
+            "mediaType": MANIFEST, "digest": digest, "size": m.len(),
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    })
+    .to_string();
+    reg.push_manifest(
+        repo,
+        "v1",
+        "application/vnd.oci.image.index.v1+json",
+        index.as_bytes(),
+    );
+    let other = entries[0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (format!("{}/{repo}:v1", reg.host()), other)
 }
 
 /// Asserts a failed command printed exactly one line; returns it.
@@ -248,7 +294,17 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
         Layer::gzip(&motd_layer("gzip motd", true)),
     );
     let gz_digests = [digest_of(&gz_base), digest_of(&gz_top)];
+    let gz_sizes = [gz_base.blob.len() as u64, gz_top.blob.len() as u64];
     let gz_image = reg.push_image("pull/gzip", "v1", &[gz_base, gz_top]);
+    // the gzip image again, behind an index whose first entry is another platform's
+    let (index_image, s390x_manifest) = push_index(
+        &reg,
+        "pull/index",
+        &[
+            Layer::gzip(&rootfs("gzip")),
+            Layer::gzip(&motd_layer("gzip motd", true)),
+        ],
+    );
     let mid = estargz(&motd_layer("mixed motd", false));
     let mid_digest = digest_of(&mid);
     let mixed_image = reg.push_image(
@@ -298,7 +354,14 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
     // gzip: both layers unpacked by lazysnap, whiteout honoured
     let s = env.pull_ok(&[&gz_image]);
     assert_eq!(layer_states(&s), ["unpacked", "unpacked"], "{s}");
-    assert!(s["downloaded_bytes"].as_u64().unwrap_or(0) > 0, "{s}");
+    for (i, size) in gz_sizes.iter().enumerate() {
+        let got = s["layers"][i]["downloaded_bytes"].as_u64().unwrap_or(0);
+        assert!(got >= *size, "layer {i}: {got} of {size} bytes downloaded");
+    }
+    assert!(
+        s["downloaded_bytes"].as_u64().unwrap_or(0) > gz_sizes.iter().sum::<u64>(),
+        "{s}"
+    );
     assert_eq!(
         env.run(
             &gz_image,
@@ -307,28 +370,49 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
         ),
         "gzip motd\nls gone\n"
     );
-    // the same image pulled by containerd itself: same labels, same layer trees
-    env.c.ctr_ok(&[
-        "-n",
-        "ref",
-        "image",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &gz_image,
-    ]);
+    // behind an index: the layers are there already; the image record names the index
+    let s = env.pull_ok(&[&index_image]);
+    assert_eq!(layer_states(&s), ["present", "present"], "{s}");
+    let listed = env.c.ctr_ok(&["image", "ls"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&index_image) && l.contains("image.index.v1+json")),
+        "{listed}"
+    );
+    assert_eq!(
+        env.run(&index_image, "index", "cat /etc/motd"),
+        "gzip motd\n"
+    );
+    // another platform's manifest of the same index (released through the index too)
+    let other = env.pull_ok(&["--platform", "linux/s390x", &index_image]);
+    assert_eq!(other["manifest"].as_str(), Some(s390x_manifest.as_str()));
+    assert_eq!(layer_states(&other), ["unpacked"], "{other}");
+    // the same images pulled by containerd itself: same labels, same layer trees
+    for image in [&gz_image, &index_image] {
+        env.c.ctr_ok(&[
+            "-n",
+            "ref",
+            "image",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "lazysnap",
+            image,
+        ]);
+    }
     let (ours, theirs) = (
         content_labels(&env.c, "default"),
         content_labels(&env.c, "ref"),
     );
-    assert!(theirs.len() >= 4, "{theirs:?}");
+    assert!(theirs.len() >= 5, "{theirs:?}");
     for (digest, want) in &theirs {
         assert_eq!(ours.get(digest), Some(want), "labels of {digest}");
     }
     for d in &gz_digests {
         assert!(ours[d].contains_key("containerd.io/uncompressed"), "{d}");
     }
+    // the layers of both images (the index image's are the gzip image's)
     for chain in chains(&s) {
         let (a, b) = (
             layer_dir(&env.c, "default", &chain),
@@ -453,7 +537,9 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
         ("default", &gz_image),
         ("default", &mixed_image),
         ("default", &again),
+        ("default", &index_image),
         ("ref", &gz_image),
+        ("ref", &index_image),
     ] {
         env.c.ctr_ok(&["-n", ns, "image", "rm", "--sync", image]);
     }

@@ -160,6 +160,19 @@ impl Registry {
     /// Pushes an OCI image with these layers (blob, media type, annotations, diff id)
     /// and returns the reference `host/repo:tag`.
     pub fn push_image(&self, repo: &str, tag: &str, layers: &[Layer]) -> String {
+        let manifest = self.image_manifest(repo, layers);
+        self.push_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+        );
+        format!("{}/{repo}:{tag}", self.host())
+    }
+
+    /// Pushes the config and layer blobs of an image and returns its OCI manifest
+    /// (not pushed).
+    pub fn image_manifest(&self, repo: &str, layers: &[Layer]) -> Vec<u8> {
         let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
         let config = serde_json::json!({
             "architecture": go_arch(),
@@ -179,25 +192,37 @@ impl Registry {
                 "annotations": l.annotations,
             }));
         }
-        let manifest = serde_json::json!({
+        serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
             "layers": descs,
         })
-        .to_string();
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Puts a manifest or index under `reference` (a tag or its digest); returns its
+    /// digest.
+    pub fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> String {
         let tmp = tempfile::NamedTempFile::new().expect("tmp");
-        std::fs::write(tmp.path(), &manifest).expect("write");
+        std::fs::write(tmp.path(), body).expect("write");
         self.curl(&[
             "-X",
             "PUT",
             "-H",
-            "Content-Type: application/vnd.oci.image.manifest.v1+json",
+            &format!("Content-Type: {media_type}"),
             "--data-binary",
             &format!("@{}", tmp.path().display()),
-            &format!("http://{}/v2/{repo}/manifests/{tag}", self.host()),
+            &format!("http://{}/v2/{repo}/manifests/{reference}", self.host()),
         ]);
-        format!("{}/{repo}:{tag}", self.host())
+        format!("sha256:{}", sha256_hex(body))
     }
 
     /// Status code and response bytes of the registry's GETs of blob `digest`, from

@@ -89,7 +89,8 @@ impl Containerd {
         })
     }
 
-    fn req<T>(&self, msg: T) -> Request<T> {
+    /// A request with this pull's namespace and lease headers.
+    pub fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         let md = r.metadata_mut();
         md.insert("containerd-namespace", self.namespace.clone());
@@ -150,11 +151,6 @@ impl Containerd {
     /// A content client (for the streaming writer).
     pub fn content(&self) -> ContentClient<Channel> {
         ContentClient::new(self.channel.clone())
-    }
-
-    /// A request with this pull's headers.
-    pub fn request<T>(&self, msg: T) -> Request<T> {
-        self.req(msg)
     }
 
     /// The labels of content `digest`, or None when the store lacks it.

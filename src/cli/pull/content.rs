@@ -58,11 +58,7 @@ impl ContentWriter {
         tx.send(stat)
             .await
             .map_err(|_| anyhow!("{}: write stream closed", what()))?;
-        let mut rx = match cd
-            .content()
-            .write(cd.request(ReceiverStream::new(rx)))
-            .await
-        {
+        let mut rx = match cd.content().write(cd.req(ReceiverStream::new(rx))).await {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == Code::AlreadyExists => return Ok(None),
             Err(s) => return Err(status_error(what(), s)),
@@ -164,7 +160,7 @@ impl ContentWriter {
             cd, tx, reference, ..
         } = self;
         drop(tx);
-        let req = cd.request(AbortRequest {
+        let req = cd.req(AbortRequest {
             r#ref: reference.clone(),
         });
         if let Err(s) = cd.content().abort(req).await

@@ -97,12 +97,7 @@ pub fn run(args: PullArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(async {
-        tokio::select! {
-            r = pull(&args, &reference, &platform, &config) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow!("{reference}: interrupted")),
-        }
-    });
+    let result = rt.block_on(pull(&args, &reference, &platform, &config));
     rt.shutdown_timeout(Duration::from_secs(5));
     let summary = result?;
     if args.json {
@@ -120,12 +115,21 @@ async fn pull(
     config: &Config,
 ) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let mut cd = Containerd::connect(&args.address, &args.namespace, &args.snapshotter).await?;
+    let interrupted = || anyhow!("{reference}: interrupted");
     let client = RegistryClient::new(config.registry.clone());
-    let image = client
-        .resolve_for(reference, platform)
-        .await
-        .with_context(|| format!("resolving {reference}"))?;
+    let prepared = async {
+        let cd = Containerd::connect(&args.address, &args.namespace, &args.snapshotter).await?;
+        let image = client
+            .resolve_for(reference, platform)
+            .await
+            .with_context(|| format!("resolving {reference}"))?;
+        anyhow::Ok((cd, image))
+    };
+    // nothing exists in containerd yet: an interrupt just stops
+    let (mut cd, image) = tokio::select! {
+        r = prepared => r?,
+        _ = tokio::signal::ctrl_c() => return Err(interrupted()),
+    };
     let diff_ids = diff_ids(&image)?;
     cd.create_lease(LEASE_TTL).await?;
     let bars = Bars::new();
@@ -138,13 +142,17 @@ async fn pull(
         unlazy: args.unlazy,
         bars: &bars,
     };
-    let result = puller.run().await;
+    // an interrupt ends the pull as a failure would: the lease goes, and with it
+    // whatever the pull had made
+    let result = tokio::select! {
+        r = puller.run() => r,
+        _ = tokio::signal::ctrl_c() => Err(interrupted()),
+    };
     // on failure containerd collects what the lease held before we exit
-    let deleted = cd.delete_lease(result.is_err()).await;
-    let mut summary = result?;
-    if let Err(e) = deleted {
+    if let Err(e) = cd.delete_lease(result.is_err()).await {
         tracing::warn!(error = %e, "the pull's lease stays until it expires");
     }
+    let mut summary = result?;
     summary.downloaded_bytes = client.stats().bytes;
     summary.seconds = started.elapsed().as_secs_f64();
     summary.count();
@@ -321,15 +329,18 @@ impl Puller<'_> {
         self.cd.set_content_labels(d, &labels).await
     }
 
-    /// Adds this repository to the content's distribution-source label.
-    async fn add_source(&self, digest: &str, labels: &mut Labels) -> anyhow::Result<()> {
+    /// Adds this repository to the content's distribution-source label; false when
+    /// the store lacks the content.
+    async fn add_source(&self, digest: &str, labels: &mut Labels) -> anyhow::Result<bool> {
         let (key, repo) = labels::distribution_source(&self.image.reference);
-        let existing = self.cd.content_labels(digest).await?.unwrap_or_default();
+        let Some(existing) = self.cd.content_labels(digest).await? else {
+            return Ok(false);
+        };
         let value = labels::append_source(existing.get(&key).map(String::as_str), &repo);
         if labels::fits(&key, &value) {
             labels.insert(key, value);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Brings layer `i` in; returns its state and the bytes downloaded for it.
@@ -344,6 +355,12 @@ impl Puller<'_> {
         let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
         bar.set_message("checking");
         if let Some(info) = self.cd.stat(chain).await? {
+            // as containerd's pull: a blob already in the store learns this source too
+            let d = desc.digest.as_str();
+            let mut source = Labels::new();
+            if self.add_source(d, &mut source).await? {
+                self.cd.set_content_labels(d, &source).await?;
+            }
             return Ok((self.existing(chain, &info.labels, false, bar).await?, 0));
         }
         let labels = labels::layer_labels(
