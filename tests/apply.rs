@@ -12,8 +12,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::lazy::{Seen, snapshot_exact};
-use common::registry::{Layer, Registry, sha256_hex};
+use common::lazy::{Seen, containerd_comparable, snapshot_exact};
+use common::registry::{Layer, Registry};
 use common::{ALICE, Corpus, NOBODY, ROOT};
 use lazysnap::cache::ChunkCache;
 use lazysnap::format::writer::WriteOptions;
@@ -379,15 +379,6 @@ fn cached_chunks_are_reused_and_bad_chunks_refused() {
 
 // ---- against containerd ----
 
-fn gzip_layer(tar: Vec<u8>) -> Layer {
-    Layer {
-        blob: gzip(&tar),
-        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-        annotations: BTreeMap::new(),
-        diff_id: format!("sha256:{}", sha256_hex(&tar)),
-    }
-}
-
 /// The lowest layer: a small system with every entry type.
 fn base() -> Vec<u8> {
     use tar::EntryType::{Char, Fifo, Regular};
@@ -544,15 +535,7 @@ fn layer_dirs(ctd: &Containerd, layers: usize) -> Vec<PathBuf> {
 /// snapshotter made it) is dropped, and whiteouts are compared by type, device
 /// number and owner only (containerd makes them with mode 0 and the current time).
 fn compared(dir: &Path) -> Tree {
-    whiteout_identity(tree(dir))
-}
-
-fn whiteout_identity(mut t: Tree) -> Tree {
-    t.0.remove("");
-    for v in t.0.values_mut() {
-        v.whiteout_identity();
-    }
-    t
+    containerd_comparable(tree(dir))
 }
 
 #[test]
@@ -571,7 +554,7 @@ fn applied_layers_equal_containerd_overlayfs_snapshots() {
     let tmp = tempfile::tempdir().unwrap();
     let registry = Registry::start();
     let tars = [base(), middle(), top()];
-    let layers: Vec<Layer> = tars.iter().cloned().map(gzip_layer).collect();
+    let layers: Vec<Layer> = tars.iter().map(|t| Layer::gzip(t)).collect();
     let image = registry.push_image("apply/diff", "1", &layers);
     let ctd = Containerd::start(
         &tmp.path().join("containerd"),
@@ -599,7 +582,11 @@ fn applied_layers_equal_containerd_overlayfs_snapshots() {
         apply_layer(&remote(&l, tmp.path()), &from_toc).unwrap();
         assert_same(&format!("layer {i}, TOC"), &compared(&from_toc), &want);
         let fuse = fuse_tree(&l, tmp.path());
-        assert_same(&format!("layer {i}, FUSE"), &whiteout_identity(fuse), &want);
+        assert_same(
+            &format!("layer {i}, FUSE"),
+            &containerd_comparable(fuse),
+            &want,
+        );
         eprintln!("layer {i}: {} entries identical, {stats:?}", want.0.len());
     }
     // the deletions and the opaque directory really are in overlay form

@@ -41,6 +41,8 @@ pub struct Image {
     pub manifest_digest: Digest,
     /// Digest of the index the manifest was chosen from, if the reference named one.
     pub index_digest: Option<Digest>,
+    /// That index's exact bytes and media type (a puller stores them too).
+    pub index: Option<(String, Bytes)>,
     /// Media type of the manifest (OCI or Docker).
     pub media_type: String,
     /// The manifest's exact bytes.
@@ -107,7 +109,7 @@ impl RegistryClient {
             target(format!("manifest {}", reference.manifest_ref()))
                 .error(ErrorKind::Protocol, format!("not JSON: {e}"))
         })?;
-        let (doc, index_digest) = if manifest::is_index(&first.media_type, &value) {
+        let (doc, index_digest, index) = if manifest::is_index(&first.media_type, &value) {
             let index: ImageIndex = serde_json::from_value(value).map_err(|e| {
                 target(format!("index {}", first.digest))
                     .error(ErrorKind::Protocol, format!("malformed index: {e}"))
@@ -129,9 +131,13 @@ impl RegistryClient {
             let doc = self
                 .fetch_document(&reference.with_digest(entry.digest.clone()))
                 .await?;
-            (doc, Some(first.digest))
+            (
+                doc,
+                Some(first.digest),
+                Some((first.media_type, first.bytes)),
+            )
         } else {
-            (first, None)
+            (first, None, None)
         };
         let mtarget = target(format!("manifest {}", doc.digest));
         let m: ImageManifest = serde_json::from_slice(&doc.bytes).map_err(|e| {
@@ -153,6 +159,7 @@ impl RegistryClient {
             reference: pinned,
             manifest_digest: doc.digest,
             index_digest,
+            index,
             media_type,
             manifest: doc.bytes,
             annotations: m.annotations,

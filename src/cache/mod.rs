@@ -46,7 +46,7 @@ impl CacheKey {
 }
 
 /// Cache configuration (`[cache]` in the daemon's config file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Directory of the disk cache; `None` keeps chunks in memory only.

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod fd_holder;
 pub mod layer;
 pub mod mount;
+pub mod pull;
 pub mod serve;
 pub mod status;
 pub mod unlazy;
@@ -30,6 +31,9 @@ pub enum Command {
     /// Mount an image's root filesystem (or one layer, or a local blob) lazily and
     /// read-only, without containerd, until interrupted or unmounted.
     Mount(mount::MountArgs),
+    /// Pull an image into containerd with the remote-snapshot labels set: lazy
+    /// layers are mounted on demand, the others unpacked by lazysnap.
+    Pull(pull::PullArgs),
     /// Run the daemon: containerd's snapshots API on a unix socket.
     Serve(serve::ServeArgs),
     /// Show the running daemon's snapshots and mounted layers with fetch progress.
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Status(a) => status::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Unlazy(a) => unlazy::run(a),
         Command::FdHolder(a) => fd_holder::run(a),
     }

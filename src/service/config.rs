@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheConfig;
 use crate::error::{Error, Result};
@@ -14,7 +14,7 @@ use crate::layer::LayerConfig;
 pub const DEFAULT_CONFIG: &str = "/etc/lazysnap/config.toml";
 
 /// The daemon configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The gRPC socket containerd's `[proxy_plugins.lazysnap]` dials.
@@ -42,7 +42,7 @@ pub struct Config {
 }
 
 /// FUSE settings (`[fuse]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FuseConfig {
     /// Kernel-facing threads per mounted layer.

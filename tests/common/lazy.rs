@@ -228,6 +228,19 @@ impl Seen {
     }
 }
 
+/// A tree as it compares with containerd's unpack of the same layer: the root (the
+/// snapshotter made it) is dropped, and whiteouts are compared by type, device
+/// number and owner only (containerd makes them with mode 0 and the current time).
+pub fn containerd_comparable(
+    mut t: (BTreeMap<String, Seen>, Vec<Vec<String>>),
+) -> (BTreeMap<String, Seen>, Vec<Vec<String>>) {
+    t.0.remove("");
+    for v in t.0.values_mut() {
+        v.whiteout_identity();
+    }
+    t
+}
+
 /// Every entry under `root` and the hard-link groups (paths sharing an inode).
 /// Directory mtimes and sub-second times are left out: overlayfs and FUSE views
 /// differ there from an extraction.

@@ -41,21 +41,39 @@ fn free_port() -> u16 {
 
 impl Registry {
     pub fn start() -> Registry {
-        Self::start_with("")
+        Self::start_with("", None)
+    }
+
+    /// A registry that wants HTTP Basic credentials (`user`, `password`).
+    pub fn start_htpasswd(user: &str, password: &str) -> Registry {
+        let hash = bcrypt::hash_with_result(password, 4)
+            .expect("bcrypt")
+            .format_for_version(bcrypt::Version::TwoA);
+        Self::start_with("", Some(format!("{user}:{hash}\n")))
     }
 
     /// A registry in read-only maintenance mode: every push answers 405.
     pub fn start_read_only() -> Registry {
-        Self::start_with("  maintenance:\n    readonly:\n      enabled: true\n")
+        Self::start_with("  maintenance:\n    readonly:\n      enabled: true\n", None)
     }
 
-    fn start_with(storage_extra: &str) -> Registry {
+    /// A registry with extra `storage:` settings, and basic auth from this htpasswd
+    /// file content if given.
+    fn start_with(storage_extra: &str, htpasswd: Option<String>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let cfg = format!(
+        let mut cfg = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n{storage_extra}http:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("storage").display()
         );
+        if let Some(h) = htpasswd {
+            let path = dir.path().join("htpasswd");
+            std::fs::write(&path, h).expect("write htpasswd");
+            cfg.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: lazysnap-test\n    path: {}\n",
+                path.display()
+            ));
+        }
         std::fs::write(dir.path().join("config.yml"), cfg).expect("config");
         let child = Self::spawn(dir.path(), port);
         Registry { child, port, dir }
@@ -207,6 +225,17 @@ impl Registry {
         format!("{}/{repo}:{tag}", self.host())
     }
 
+    /// Pushes the config and layer blobs of an image and returns its OCI manifest
+    /// (not pushed).
+    pub fn image_manifest(&self, repo: &str, layers: &[Layer]) -> Vec<u8> {
+        let (config, manifest) = image_json(layers);
+        self.push_blob(repo, config.as_bytes());
+        for l in layers {
+            self.push_blob(repo, &l.blob);
+        }
+        manifest.into_bytes()
+    }
+
     /// Status code and response bytes of the registry's GETs of blob `digest`, from
     /// its access log (a lazy read is a 206; a whole-blob download a 200).
     pub fn blob_gets(&self, digest: &str) -> Vec<(u16, u64)> {
@@ -271,6 +300,18 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// A plain `tar+gzip` layer of `tar`.
+    pub fn gzip(tar: &[u8]) -> Layer {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, tar).expect("gzip");
+        Layer {
+            blob: e.finish().expect("gzip"),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            annotations: BTreeMap::new(),
+            diff_id: format!("sha256:{}", sha256_hex(tar)),
+        }
+    }
+
     /// A layer converted by lazysnap's writer, ready to push.
     pub fn convert(tar: &[u8], opts: &lazysnap::format::writer::WriteOptions) -> Layer {
         let (blob, r) = super::convert(tar, opts);
