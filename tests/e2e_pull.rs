@@ -277,8 +277,10 @@ fn pull_lazy_gzip_and_mixed_images_into_containerd() {
     if !require(
         &[
             "/usr/bin/containerd",
+            "/usr/bin/ctr",
             "/usr/sbin/runc",
             "/usr/bin/docker-registry",
+            "/usr/bin/script",
         ],
         "lazysnap pull",
     ) {
