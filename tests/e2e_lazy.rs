@@ -25,17 +25,13 @@ fn estargz(tar: &[u8], prioritized: &[&str]) -> Layer {
 }
 
 fn run(c: &Containerd, image: &str, id: &str) -> String {
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazysnap",
-        "--net-host",
-        image,
-        id,
-        "/bin/cat",
-        "/etc/motd",
-    ])
+    let o = c.run_lazy(image, id, &["/bin/cat", "/etc/motd"]);
+    assert!(
+        o.status.success(),
+        "ctr run: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
@@ -72,22 +68,7 @@ fn rpull_runs_lazily_and_survives_kill_9() {
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
 
-    let mut cmd = std::process::Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &image,
-    ]);
-    let out = support::run_bounded(cmd, std::time::Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
+    c.rpull(&image, &daemon);
     assert_eq!(run(&c, &image, "lazy-1").trim(), MOTD, "{}", daemon.log());
 
     // the layer is a remote snapshot, and the registry never sent the whole blob

@@ -91,19 +91,9 @@ fn container_check(
     for f in files {
         drop_cache(&f.fuse);
     }
-    let mut args = vec![
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazysnap",
-        "--net-host",
-        image,
-        id,
-        "/bin/busybox",
-        "sha256sum",
-    ];
-    args.extend(files.iter().map(|f| f.path.as_str()));
-    let out = c.ctr(&args);
+    let mut cmd = vec!["/bin/busybox", "sha256sum"];
+    cmd.extend(files.iter().map(|f| f.path.as_str()));
+    let out = c.run_lazy(image, id, &cmd);
     st.runs += 1;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -200,22 +190,7 @@ fn registry_faults_never_serve_wrong_bytes_and_recover() {
     let mut daemon = Daemon::start(&work.path().join("d"), CONFIG);
     let c = Containerd::start(&work.path().join("c"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
-    let mut cmd = std::process::Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &image,
-    ]);
-    let out = support::run_bounded(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
+    c.rpull(&image, &daemon);
     let mounts: HashMap<String, PathBuf> = daemon.remote_mounts().into_iter().collect();
     assert_eq!(mounts.len(), 2, "two lazy layers: {mounts:?}");
     let mut files = Vec::new();

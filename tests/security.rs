@@ -17,11 +17,11 @@ mod regsupport;
 mod support;
 
 use std::collections::HashMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::process::Command;
 
 use base64::Engine as _;
+use common::lazy::assert_symlink_not_followed;
 use common::registry::{Layer, image_json, sha256_hex};
 use common::remote::random_files_tar;
 use containerd_client::tonic::Code;
@@ -100,6 +100,17 @@ fn mount_of(d: &Daemon, layer: &Layer) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("{digest} not mounted:\n{}", d.log()))
 }
 
+/// A runtime for the registry support's async pushers and token service, and a
+/// short work directory (unix socket paths are limited to 107 bytes).
+fn setup() -> (tokio::runtime::Runtime, tempfile::TempDir) {
+    regsupport::install_crypto();
+    let work = tempfile::Builder::new()
+        .prefix("lzsec")
+        .tempdir_in("/tmp")
+        .unwrap();
+    (tokio::runtime::Runtime::new().unwrap(), work)
+}
+
 #[test]
 fn sockets_are_0660_and_root_owned() {
     if !require(&["/bin/mount"], "socket permissions") {
@@ -128,12 +139,7 @@ fn registry_secrets_never_reach_logs_or_errors() {
     if !require(&["/usr/bin/docker-registry"], "secrets in logs") {
         return;
     }
-    regsupport::install_crypto();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let work = tempfile::Builder::new()
-        .prefix("lzsec")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let (rt, work) = setup();
     let (user, password) = ("alice", "Pa55-word-7f3a9c1e");
     let (tuser, tpassword) = ("bob", "t0ken-Pa55-d41c8e2b");
     let b64 =
@@ -309,12 +315,7 @@ fn tls_verification_is_only_ever_disabled_per_host() {
     if !require(&["/usr/bin/docker-registry"], "TLS per host") {
         return;
     }
-    regsupport::install_crypto();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let work = tempfile::Builder::new()
-        .prefix("lzsec")
-        .tempdir_in("/tmp")
-        .unwrap();
+    let (rt, work) = setup();
     let (ca_pem, tls) = regsupport::registry::ca_and_server_cert();
     let reg = AuthRegistry::start(Auth::None, Some(tls));
     let layer = estargz(&random_files_tar(32, 2, 50 << 10).0);
@@ -422,25 +423,8 @@ fn fuse_never_reaches_outside_the_layer() {
         .collect();
     names.sort();
     assert_eq!(names, ["abs", "f", "up"], "only the layer's entries");
-    for (name, target) in [
-        ("up", "../../../../../../../etc/passwd"),
-        ("abs", "/etc/passwd"),
-    ] {
-        let p = mp.join(name);
-        assert!(
-            std::fs::symlink_metadata(&p)
-                .unwrap()
-                .file_type()
-                .is_symlink()
-        );
-        assert_eq!(std::fs::read_link(&p).unwrap(), Path::new(target));
-        let e = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .expect_err("the layer does not follow symlinks");
-        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{name}: {e}");
-    }
+    assert_symlink_not_followed(&mp.join("up"), "../../../../../../../etc/passwd");
+    assert_symlink_not_followed(&mp.join("abs"), "/etc/passwd");
     assert_eq!(std::fs::read(mp.join("f")).unwrap(), b"layer");
     // read-only, nosuid, nodev
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

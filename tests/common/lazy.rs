@@ -104,6 +104,21 @@ impl Drop for LazyMount {
     }
 }
 
+/// `p` is a symlink to `target` that the mounted layer does not follow: opening the
+/// link itself with `O_NOFOLLOW` is refused with ELOOP.
+pub fn assert_symlink_not_followed(p: &Path, target: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let md = std::fs::symlink_metadata(p).unwrap();
+    assert!(md.file_type().is_symlink(), "{}", p.display());
+    assert_eq!(std::fs::read_link(p).unwrap(), Path::new(target));
+    let e = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .expect_err("O_NOFOLLOW on a symlink");
+    assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{}: {e}", p.display());
+}
+
 /// Detaches a mount on drop.
 pub struct Unmount(pub PathBuf);
 impl Drop for Unmount {

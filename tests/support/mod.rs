@@ -475,6 +475,43 @@ state = "{state}"
         run_bounded(cmd, Duration::from_secs(120))
     }
 
+    /// `ctr-remote image rpull --plain-http --snapshotter lazysnap IMAGE` (what a
+    /// stargz-aware puller does: Prepares with the remote-snapshot labels), bounded;
+    /// it must succeed (`daemon`'s log explains a failure).
+    pub fn rpull(&self, image: &str, daemon: &Daemon) {
+        let mut cmd = Command::new("/usr/bin/ctr-remote");
+        cmd.arg("--address").arg(&self.address).args([
+            "image",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazysnap",
+            image,
+        ]);
+        let out = run_bounded(cmd, Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "rpull {image}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+    }
+
+    /// `ctr run --rm --snapshotter lazysnap --net-host IMAGE ID CMD...` (bounded).
+    pub fn run_lazy(&self, image: &str, id: &str, cmd: &[&str]) -> Output {
+        let mut args = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazysnap",
+            "--net-host",
+            image,
+            id,
+        ];
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
     /// `ctr` that must succeed; returns stdout.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
         let o = self.ctr(args);
