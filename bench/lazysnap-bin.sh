@@ -5,7 +5,9 @@ if [ -z "${LAZYSNAP:-}" ]; then
   (cd "$ROOT" && cargo build --release --quiet)
   LAZYSNAP=${CARGO_TARGET_DIR:-$ROOT/target}/release/lazysnap
   VERSION="lazysnap $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo "(no commit)")"
-  (cd "$ROOT" && git status --porcelain --untracked-files=no 2>/dev/null | grep -q .) && VERSION="$VERSION + local changes"
+  if (cd "$ROOT" && git status --porcelain --untracked-files=no 2>/dev/null | grep -q .); then
+    VERSION="$VERSION + local changes"
+  fi
 else
   VERSION="lazysnap binary $LAZYSNAP built $(date -u -r "$LAZYSNAP" '+%Y-%m-%d %H:%M UTC')"
 fi

@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 pub(crate) struct Image {
     /// The index entry it came from.
     pub entry: Option<Descriptor>,
+    /// Its manifest's digest.
     pub digest: Digest,
     pub manifest: SourceManifest,
+    /// The config's exact bytes (kept when nothing in it changes).
     pub config: Bytes,
     pub parsed: ImageConfig,
 }
@@ -25,6 +27,7 @@ pub(crate) struct Image {
 pub(crate) struct Tree {
     pub index: Option<SourceIndex>,
     pub images: Vec<Image>,
+    /// Index entries left out (attestations).
     pub dropped: usize,
 }
 

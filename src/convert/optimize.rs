@@ -16,6 +16,7 @@ use lazysnap_registry::{Digest as RegistryDigest, Platform};
 use super::image::Tree;
 use super::layer::{self, Ctx};
 use super::oci::{self, RunConfig};
+use super::progress::Step;
 use super::sandbox;
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::error::{Error, Result};
@@ -236,6 +237,10 @@ pub(crate) fn record_image(
         })?;
     let quick_opts = quick_options(threads);
     let mut quick = Vec::new();
+    ctx.progress.note(&format!(
+        "preparing the workload's root filesystem ({} layers)",
+        img.manifest.layers.len()
+    ));
     for l in &img.manifest.layers {
         let oci_type = oci::oci_layer_type(&l.media_type).unwrap_or_default();
         if oci::is_foreign(oci_type) {
@@ -245,14 +250,17 @@ pub(crate) fn record_image(
             )));
         }
         let name = l.digest.to_string();
-        ctx.progress
-            .note(&format!("layer {name}: preparing to run the workload"));
         let blob = layer::fetch(ctx, l)?;
+        ctx.progress.step(&name, Step::Unpack, l.size);
         let tar = layer::unpack(&blob.path, ctx.tmp, &|n| ctx.progress.advance(&name, n));
         // the conversion proper reads the blob again
         ctx.fetched.put(l.digest.clone(), blob);
         let tar = tar?;
-        let (out, res) = layer::write(tar.path(), ctx.tmp, &quick_opts, &|_| {})?;
+        let size = tar.as_file().metadata().map(|m| m.len()).unwrap_or(0);
+        ctx.progress.step(&name, Step::Convert, size);
+        let (out, res) = layer::write(tar.path(), ctx.tmp, &quick_opts, &|n| {
+            ctx.progress.advance(&name, n)
+        })?;
         drop(tar);
         let toc_digest = res.toc_digest.parse().map_err(|_| {
             Error::Toc(format!("writer gave a bad TOC digest {:?}", res.toc_digest))
