@@ -37,7 +37,7 @@ const CONFIG: &str = "[layer]\nprefetch = false\nbackground_fetch = false\nsmall
 [registry]\nrequest_timeout_ms = 5000\nmax_retries = 2\n\
 [fuse]\nkeep_mounts_on_exit = false\n";
 // (With the fd holder a killed daemon's layers stay connected and reads wait for the
-// next daemon instead of failing at once; tests/e2e_restart.rs covers that path. This
+// next daemon instead of failing at once; tests/restart.rs covers that path. This
 // test checks the invariants of a crash that takes the mounts with it.)
 
 /// Bounds on what accumulates over the iterations.
