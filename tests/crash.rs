@@ -34,11 +34,7 @@ use support::{Daemon, Rng, require};
 
 const CONFIG: &str = "[layer]\nprefetch = false\nbackground_fetch = false\nsmall_layer_bytes = 0\n\
 [cache]\ndisk_limit = 2097152\nmemory_limit = 1048576\n\
-[registry]\nrequest_timeout_ms = 5000\nmax_retries = 2\n\
-[fuse]\nkeep_mounts_on_exit = false\n";
-// (With the fd holder a killed daemon's layers stay connected and reads wait for the
-// next daemon instead of failing at once; tests/restart.rs covers that path. This
-// test checks the invariants of a crash that takes the mounts with it.)
+[registry]\nrequest_timeout_ms = 5000\nmax_retries = 2\n";
 
 /// Bounds on what accumulates over the iterations.
 const MAX_SNAPSHOTS: usize = 30;
