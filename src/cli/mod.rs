@@ -1,7 +1,6 @@
 //! The `lazysnap` command line.
 
 pub mod convert;
-pub mod fd_holder;
 pub mod layer;
 pub mod mount;
 pub mod pull;
@@ -41,9 +40,6 @@ pub enum Command {
     /// Turn remote layers (one snapshot, or every remote layer of an image) into
     /// plain directories, through the running daemon.
     Unlazy(unlazy::UnlazyArgs),
-    /// Keep the daemon's FUSE connections open across its restarts (started by `serve`).
-    #[command(hide = true)]
-    FdHolder(fd_holder::FdHolderArgs),
 }
 
 /// Runs the parsed command.
@@ -56,6 +52,5 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => mount::run(a),
         Command::Pull(a) => pull::run(a),
         Command::Unlazy(a) => unlazy::run(a),
-        Command::FdHolder(a) => fd_holder::run(a),
     }
 }

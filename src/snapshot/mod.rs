@@ -5,13 +5,12 @@
 
 pub mod apply;
 pub mod filter;
-pub mod holder;
 pub mod labels;
 pub mod lazyfs;
 pub mod mounts;
 pub mod policy;
 pub mod remote;
-pub(crate) mod restore;
+mod restore;
 pub mod snapshotter;
 pub mod store;
 mod usage;

@@ -272,31 +272,12 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Start-up: takes over the remote layers still mounted from the previous daemon
-    /// (see [`RemoteFs::take_over`]), detaches every other mount under `snapshots/`
-    /// (left by a crash), removes unowned directories, and makes every remote
-    /// snapshot available again from its stored labels ([`RemoteFs::restore`]: at
-    /// once, or at first use). A layer that cannot be mounted is logged and kept;
-    /// `Mounts` over it answers Unavailable until it can be.
+    /// Start-up: detaches stale mounts under `snapshots/` (left by a crash), removes
+    /// unowned directories, and mounts every remote snapshot again from its stored
+    /// labels. A layer that cannot be mounted is logged and kept; `Mounts` over it
+    /// answers Unavailable until it can be.
     pub fn restore(&self) -> Result<()> {
-        let records = self.store.read(|tx| tx.records())?;
-        let remote: Vec<_> = records
-            .iter()
-            .filter(|(_, r)| labels::is_remote(&r.labels))
-            .collect();
-        let taken = match &self.remote {
-            Some(fs) => fs.take_over(
-                &remote
-                    .iter()
-                    .map(|(_, r)| (self.layout.fs(r.id), to_map(&r.labels)))
-                    .collect::<Vec<_>>(),
-            ),
-            None => Vec::new(),
-        };
         for mp in restore::mounts_under(&self.layout.snapshots())? {
-            if taken.contains(&mp) {
-                continue;
-            }
             info!(mountpoint = %mp.display(), "detaching stale mount");
             if let Err(e) = restore::detach(&mp) {
                 warn!(mountpoint = %mp.display(), error = %e, "cannot detach stale mount");
@@ -304,11 +285,10 @@ impl Snapshotter {
         }
         self.cleanup()?;
         self.recover_unlazy()?;
-        for (key, rec) in remote {
+        let records = self.store.read(|tx| tx.records())?;
+        for (key, rec) in records.iter().filter(|(_, r)| labels::is_remote(&r.labels)) {
             let fs_dir = self.layout.fs(rec.id);
-            // A taken-over mount is not looked at: nobody serves it yet.
-            let kept = taken.contains(&restore::real_mountpoint(&fs_dir));
-            if !kept && !fs_dir.exists() {
+            if !fs_dir.exists() {
                 fs::DirBuilder::new()
                     .mode(0o755)
                     .recursive(true)
@@ -319,8 +299,8 @@ impl Snapshotter {
                 warn!(snapshot = %key, "remote snapshot kept unmounted: no remote filesystem configured");
                 continue;
             };
-            match remote.restore(&fs_dir, &to_map(&rec.labels)) {
-                Ok(()) => info!(snapshot = %key, id = %rec.id, "remote snapshot restored"),
+            match remote.mount(&fs_dir, &to_map(&rec.labels)) {
+                Ok(()) => info!(snapshot = %key, id = %rec.id, "remote snapshot mounted again"),
                 Err(e) => warn!(snapshot = %key, id = %rec.id, error = %e,
                     "cannot mount remote snapshot again; Mounts over it answer unavailable"),
             }
@@ -328,8 +308,7 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Shutdown: leaves mounted the remote layers the remote filesystem can hand to
-    /// the next daemon ([`RemoteFs::leave_mounted`]) and unmounts the others.
+    /// Clean shutdown: unmounts every remote snapshot (they are mounted again at start).
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let Some(remote) = &self.remote else { return };
@@ -340,13 +319,8 @@ impl Snapshotter {
                 return;
             }
         };
-        let left = remote.leave_mounted();
         for (key, rec) in records.iter().filter(|(_, r)| labels::is_remote(&r.labels)) {
-            let fs_dir = self.layout.fs(rec.id);
-            if left.contains(&fs_dir) {
-                continue;
-            }
-            if let Err(e) = remote.unmount(&fs_dir) {
+            if let Err(e) = remote.unmount(&self.layout.fs(rec.id)) {
                 warn!(snapshot = %key, error = %e, "close: unmount failed");
             }
         }
