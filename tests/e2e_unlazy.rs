@@ -114,25 +114,6 @@ fn fuse_views(daemon: &Daemon) -> BTreeMap<u64, View> {
         .collect()
 }
 
-fn rpull(c: &Containerd, daemon: &Daemon, image: &str) {
-    let mut cmd = Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        image,
-    ]);
-    let out = support::run_bounded(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
-}
-
 fn cat_motd(c: &Containerd, image: &str, id: &str) -> String {
     c.ctr_ok(&[
         "run",
@@ -209,7 +190,7 @@ fn unlazy_under_a_running_container_and_after_kill_9() {
     );
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
-    rpull(&c, &daemon, &image);
+    c.rpull(&image, &daemon);
     let views = fuse_views(&daemon);
     assert_eq!(
         views.len(),
@@ -275,7 +256,7 @@ fn unlazy_under_a_running_container_and_after_kill_9() {
     assert_eq!(cat_motd(&c, &image, "after-restart").trim(), MOTD);
 
     // kill -9 in the middle of unlazy: remote or local, never in between.
-    rpull(&c, &daemon, &image2);
+    c.rpull(&image2, &daemon);
     let views2: BTreeMap<u64, View> = fuse_views(&daemon);
     assert_eq!(views2.len(), 2);
     let mut seen = Vec::new();
