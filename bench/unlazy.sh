@@ -66,8 +66,9 @@ decompresses with \`unpigz\` and checks each layer's diff id; "already unpacked"
 the same command once the snapshots exist (ctr start + resolve, for scale).
 \`tar -xzf\` is GNU tar (\`--numeric-owner --xattrs -p\`) with gzip, one layer after
 the other. apply_stream reads each gzip layer file (decompression on its own
-thread, small files finished on another); "all layers at once" runs one per layer
-concurrently. apply_layer takes the eStargz conversion of the same layers from a
+thread, small files finished on another) and hashes nothing (containerd computes
+each diff id, a sha256 of the uncompressed tar; a caller that wants the blob's
+digest wraps the reader); "all layers at once" runs one per layer concurrently. apply_layer takes the eStargz conversion of the same layers from a
 docker-registry on 127.0.0.1: cold opens each layer (footer, TOC) and fetches every
 chunk in parallel range requests; warm finds every chunk in the chunk cache.
 
