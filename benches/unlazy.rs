@@ -12,9 +12,11 @@
 //!   and warm (every chunk already in the chunk cache).
 //!
 //! `BENCH_LAYERS=a.tar:b.tar:... cargo bench --bench unlazy` (root; containerd, ctr,
-//! docker-registry, tar). `BENCH_ROUNDS` (3) rounds interleave the cases;
+//! docker-registry, tar), or `BENCH_SMALL_FILES=N` for one generated layer of N
+//! small text files (100 a directory). `BENCH_ROUNDS` (3) rounds interleave the cases;
 //! `BENCH_LABEL` names the image in the output; `BENCH_WORK` is where the trees go
-//! (default /var/tmp). Prints Markdown rows (medians) on stdout; bench/unlazy.sh
+//! (default /var/tmp); `BENCH_KEEP=1` leaves them there (bench/unlazy.sh works on a
+//! scratch filesystem it throws away whole). Prints Markdown rows (medians) on stdout; bench/unlazy.sh
 //! runs it and writes the BENCHMARKS.md section.
 
 #[path = "../tests/common/mod.rs"]
@@ -103,6 +105,24 @@ fn open_layers(
         .collect()
 }
 
+/// A layer of `n` text files of 200 B to 2 KiB, 100 a directory.
+fn small_files(n: usize) -> Vec<u8> {
+    let mut t = common::Corpus::new();
+    for i in 0..n {
+        if i % 100 == 0 {
+            t.dir(&format!("d{:04}/", i / 100), 0o755, &common::ROOT);
+        }
+        let data = common::text_bytes(i as u64, 200 + (i * 7919) % 1800);
+        t.file(
+            &format!("d{:04}/f{i:06}.txt", i / 100),
+            0o644,
+            &common::ROOT,
+            &data,
+        );
+    }
+    t.finish()
+}
+
 fn median(v: &mut [Duration]) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64()
@@ -118,10 +138,14 @@ fn main() {
     if !support::require(&tools, "bench unlazy") {
         return;
     }
-    let Ok(list) = std::env::var("BENCH_LAYERS") else {
-        eprintln!("skipped: set BENCH_LAYERS=a.tar:b.tar:... (bench/unlazy.sh does)");
+    let small = env("BENCH_SMALL_FILES", 0);
+    let list = std::env::var("BENCH_LAYERS").unwrap_or_default();
+    if list.is_empty() && small == 0 {
+        eprintln!(
+            "skipped: set BENCH_LAYERS=a.tar:b.tar:... or BENCH_SMALL_FILES=N (bench/unlazy.sh does)"
+        );
         return;
-    };
+    }
     let label = std::env::var("BENCH_LABEL").unwrap_or_else(|_| "image".into());
     let rounds = env("BENCH_ROUNDS", 3).max(1);
     let base = std::env::var("BENCH_WORK").unwrap_or_else(|_| "/var/tmp".into());
@@ -135,15 +159,21 @@ fn main() {
     let mut esgz = Vec::new();
     let mut tar_bytes = 0u64;
     let mut files = Vec::new();
-    for (i, p) in list.split(':').enumerate() {
-        let tar = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let tars: Vec<Vec<u8>> = if small > 0 {
+        vec![small_files(small)]
+    } else {
+        list.split(':')
+            .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}")))
+            .collect()
+    };
+    for (i, tar) in tars.iter().enumerate() {
         tar_bytes += tar.len() as u64;
-        let l = gzip_layer(&tar);
+        let l = gzip_layer(tar);
         let f = work.join(format!("layer-{i}.tar.gz"));
         std::fs::write(&f, &l.blob).expect("write layer");
         files.push(f);
         gz.push(l);
-        esgz.push(Layer::convert(&tar, &WriteOptions::default()));
+        esgz.push(Layer::convert(tar, &WriteOptions::default()));
     }
     let n = gz.len();
     let gz_bytes: usize = gz.iter().map(|l| l.blob.len()).sum();
@@ -293,5 +323,9 @@ fn main() {
     }
     drop(ctd);
     drop(reg);
-    eprintln!("removing {}", work.display());
+    if std::env::var("BENCH_KEEP").as_deref() == Ok("1") {
+        let _ = tmp.keep();
+    } else {
+        eprintln!("removing {}", work.display());
+    }
 }

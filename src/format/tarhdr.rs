@@ -399,6 +399,7 @@ impl Extensions {
             }
         }
         let mut size_override = None;
+        let mut sparse = false;
         for (k, v) in self.global.iter().chain(self.pax.iter()) {
             let text = || utf8(v.clone(), k);
             match k.as_str() {
@@ -422,10 +423,19 @@ impl Extensions {
                     if let Some(name) = k.strip_prefix("SCHILY.xattr.") {
                         m.xattrs.insert(name.to_string(), v.clone());
                     }
+                    sparse |= k.starts_with("GNU.sparse.");
                 }
             }
         }
         self.pax.clear();
+        if sparse {
+            // the payload is a sparse map plus data, not the file: refuse rather than
+            // extract it as the file's bytes
+            return Err(Error::Tar(format!(
+                "{:?}: GNU sparse files (PAX GNU.sparse.*) are not supported",
+                m.name
+            )));
+        }
         let mut payload = h.payload_blocks() * BLOCK;
         if payload > 0 {
             payload = h.size;
@@ -594,6 +604,23 @@ mod tests {
         assert_eq!(s.entries[0].meta.size, 3);
         assert_eq!(s.entries[0].end, 1024);
         assert_eq!(s.end, 1024);
+    }
+
+    #[test]
+    fn gnu_sparse_files_are_refused() {
+        let rec = b"22 GNU.sparse.major=1\n22 GNU.sparse.minor=0\n";
+        let mut pax = ustar_header("PaxHeaders/f", 0o644, rec.len() as u64).unwrap();
+        pax[156] = b'x';
+        pax[148..156].fill(b' ');
+        let sum: u64 = pax.iter().map(|&b| b as u64).sum();
+        pax[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let mut tar = pax.to_vec();
+        tar.extend_from_slice(rec);
+        tar.resize(1024, 0);
+        tar.extend_from_slice(&ustar_header("f", 0o644, 0).unwrap());
+        tar.extend_from_slice(&[0u8; 1024]);
+        let e = scan(&tar).unwrap_err().to_string();
+        assert!(e.contains("\"f\"") && e.contains("sparse"), "{e}");
     }
 
     #[test]

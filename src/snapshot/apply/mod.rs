@@ -10,6 +10,16 @@
 //! Two front-ends feed the same [`target::Target`]: [`apply_stream`] reads a blob
 //! sequentially (decompression on its own thread), [`apply_layer`] takes metadata from
 //! a lazy layer's TOC index and file bytes from its chunks, fetched in parallel.
+//!
+//! The result is what the FUSE view of the layer shows, and what containerd's
+//! overlayfs unpack makes, except where they differ from each other: the root takes
+//! the layer's `./` entry (or 0755 root, mtime 0), implicit parents are 0755 root
+//! with mtime 0, a whiteout device keeps its entry's mode and mtime (containerd
+//! makes it 0000 at the current time), and a hard link's own header metadata is
+//! ignored (as GNU tar does). A leading `/` is dropped; `..`, a symlink among the
+//! parents and a hard link whose target is missing or behind a symlink fail the
+//! layer. An eStargz blob's `stargz.index.json` is a tar member and
+//! [`apply_stream`] extracts it, as containerd does; GNU sparse entries are refused.
 
 mod finish;
 mod indexed;
@@ -25,7 +35,8 @@ use crate::layer::RemoteLayer;
 /// What an extraction did.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ApplyStats {
-    /// Entries of the layer that became (or changed) names in the directory.
+    /// Entries read (tar entries or TOC names; PAX and GNU extension headers not
+    /// counted).
     pub entries: u64,
     /// Regular files written (hard links not counted).
     pub files: u64,

@@ -104,10 +104,24 @@ fn set_xattrs(fd: &impl AsRawFd, a: &Attrs, entry: &str) -> Result<()> {
             libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0)
         };
         if r != 0 {
-            return Err(fail(entry, &format!("set xattr {k}"), Errno::last()));
+            xattr_failed(entry, k, Errno::last())?;
         }
     }
     Ok(())
+}
+
+/// A filesystem without a namespace of xattrs (`ENOTSUP`) loses them with a
+/// warning, as containerd does; any other failure is an error.
+fn xattr_failed(entry: &str, name: &str, e: Errno) -> Result<()> {
+    if e == Errno::ENOTSUP {
+        tracing::warn!(
+            entry,
+            xattr = name,
+            "the filesystem does not support this xattr; dropped"
+        );
+        return Ok(());
+    }
+    Err(fail(entry, &format!("set xattr {name}"), e))
 }
 
 /// The path of `base` inside an open directory, for the calls that have no
@@ -130,7 +144,7 @@ fn set_xattrs_nofollow(at: &At, a: &Attrs) -> Result<()> {
         let r =
             unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
         if r != 0 {
-            return Err(fail(at.entry, &format!("set xattr {k}"), Errno::last()));
+            xattr_failed(at.entry, k, Errno::last())?;
         }
     }
     Ok(())
