@@ -11,7 +11,7 @@ use std::{io, os::unix::fs::FileExt, path::PathBuf};
 use bytes::Bytes;
 use reqwest::{
     Method, Response, StatusCode, Url,
-    header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION},
+    header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue},
 };
 use serde::Deserialize;
 use tracing::debug;
@@ -21,7 +21,7 @@ use crate::{
     error::{ErrorKind, Result, Target},
     hosts::Host,
     reference::{Digest, Reference},
-    transport::{Attempt, Failure, Scope, send_counted, status_failure},
+    transport::{Attempt, Failure, Scope, location, send_counted, status_failure},
 };
 
 /// Blobs up to this size are uploaded in one PUT; larger ones in chunks.
@@ -199,22 +199,6 @@ async fn refusal(resp: Response) -> Failure {
     }
 }
 
-/// The upload URL an answer names, resolved against the request URL.
-fn location(resp: &Response, base: &Url) -> Result<Url, Failure> {
-    let loc = resp
-        .headers()
-        .get(LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            Failure::fatal(
-                ErrorKind::Protocol,
-                format!("upload answer {} without Location", resp.status().as_u16()),
-            )
-        })?;
-    base.join(loc)
-        .map_err(|_| Failure::fatal(ErrorKind::Protocol, "upload Location is not a URL"))
-}
-
 fn octet_stream() -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(
@@ -303,7 +287,7 @@ impl RegistryClient {
                     StatusCode::ACCEPTED => {
                         // an upload session was opened instead: close it, the caller
                         // uploads in its own
-                        if let Ok(loc) = location(&resp, &url) {
+                        if let Ok(loc) = location(&resp, &url, "upload answer") {
                             let _ = send_to(
                                 &a,
                                 Method::DELETE,
@@ -362,7 +346,7 @@ impl RegistryClient {
                 if resp.status() != StatusCode::ACCEPTED {
                     return Err(refusal(resp).await);
                 }
-                let mut loc = location(&resp, &start)?;
+                let mut loc = location(&resp, &start, "upload answer")?;
                 let mut body = Bytes::new();
                 if chunked {
                     let mut offset = 0u64;
@@ -381,7 +365,7 @@ impl RegistryClient {
                         if resp.status() != StatusCode::ACCEPTED {
                             return Err(refusal(resp).await);
                         }
-                        loc = location(&resp, &loc)?;
+                        loc = location(&resp, &loc, "upload answer")?;
                         offset += n;
                     }
                 } else {

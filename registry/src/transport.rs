@@ -165,7 +165,7 @@ impl Attempt {
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok((resp, redirected));
             }
-            let target = redirect_target(&resp, &current)?;
+            let target = location(&resp, &current, "redirect")?;
             debug!(from = %current.path(), "following redirect");
             let req = self
                 .client
@@ -198,7 +198,9 @@ impl Attempt {
     }
 }
 
-fn redirect_target(resp: &Response, current: &Url) -> Result<Url, Failure> {
+/// The URL an answer's `Location` names, resolved against the request's URL; `what`
+/// names the answer in errors (a redirect, an upload answer).
+pub(crate) fn location(resp: &Response, current: &Url, what: &str) -> Result<Url, Failure> {
     let loc = resp
         .headers()
         .get(LOCATION)
@@ -206,12 +208,15 @@ fn redirect_target(resp: &Response, current: &Url) -> Result<Url, Failure> {
         .ok_or_else(|| {
             Failure::fatal(
                 ErrorKind::Protocol,
-                format!("redirect {} without Location", resp.status().as_u16()),
+                format!("{what} {} without Location", resp.status().as_u16()),
             )
         })?;
-    current
-        .join(loc)
-        .map_err(|_| Failure::fatal(ErrorKind::Protocol, "redirect to an invalid URL"))
+    current.join(loc).map_err(|_| {
+        Failure::fatal(
+            ErrorKind::Protocol,
+            format!("{what} to an invalid Location"),
+        )
+    })
 }
 
 pub(crate) async fn send_counted(

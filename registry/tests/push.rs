@@ -210,16 +210,7 @@ async fn push_with_token_auth_asks_for_push_scopes() {
         return;
     }
     support::init_tracing();
-    let tokens = support::token::TokenServer::start("bob", "builder").await;
-    let registry = Registry::start(
-        Auth::Token {
-            realm: tokens.realm(),
-            service: support::token::SERVICE.into(),
-            issuer: support::token::ISSUER.into(),
-            root_cert_pem: tokens.cert_pem.clone(),
-        },
-        None,
-    );
+    let (tokens, registry) = support::token::TokenServer::with_registry("bob", "builder").await;
     let host = registry.host();
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = support::test_config(dir.path());

@@ -306,16 +306,7 @@ async fn token_auth_registry() {
         return;
     }
     support::init_tracing();
-    let tokens = support::token::TokenServer::start("bob", "builder").await;
-    let registry = Registry::start(
-        Auth::Token {
-            realm: tokens.realm(),
-            service: support::token::SERVICE.into(),
-            issuer: support::token::ISSUER.into(),
-            root_cert_pem: tokens.cert_pem.clone(),
-        },
-        None,
-    );
+    let (tokens, registry) = support::token::TokenServer::with_registry("bob", "builder").await;
     let push_token = tokens.mint("repository:tok/app:pull,push");
     let pusher = Pusher::new(registry.base(), None, Some(format!("Bearer {push_token}")));
     let pushed =

@@ -201,6 +201,24 @@ impl TokenServer {
         format!("http://127.0.0.1:{}/token", self.port)
     }
 
+    /// A token service for `user`/`password` and a registry that trusts it.
+    pub async fn with_registry(
+        user: &str,
+        password: &str,
+    ) -> (TokenServer, super::registry::Registry) {
+        let tokens = TokenServer::start(user, password).await;
+        let registry = super::registry::Registry::start(
+            super::registry::Auth::Token {
+                realm: tokens.realm(),
+                service: SERVICE.into(),
+                issuer: ISSUER.into(),
+                root_cert_pem: tokens.cert_pem.clone(),
+            },
+            None,
+        );
+        (tokens, registry)
+    }
+
     /// A token for pushing test content.
     pub fn mint(&self, scope: &str) -> String {
         self.signer.token(scope)
