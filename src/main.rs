@@ -18,7 +18,9 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     // the daemon logs its work; one-shot commands only warnings (RUST_LOG overrides)
     let default = match cli.command {
-        cli::Command::Serve(_) => "warn,lazysnap=info,lazysnap_fuse=info,lazysnap_registry=info",
+        cli::Command::Serve(_) | cli::Command::FdHolder(_) => {
+            "warn,lazysnap=info,lazysnap_fuse=info,lazysnap_registry=info"
+        }
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -139,6 +139,10 @@ impl TreeBuilder {
                 .remove(&dir)
                 .map(|m| m.into_iter().collect())
                 .unwrap_or_default();
+            // Name order, not hash order: whiteout nodes are numbered as they are made,
+            // and a tree built again from the same layer must number them alike (a
+            // successor daemon serves the kernel's existing inode numbers).
+            list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let nodes = &mut self.nodes;
             let opaque = whiteout::apply(&mut list, |old| {
                 let whiteout = whiteout_node(&nodes[old as usize], dir);
@@ -178,7 +182,9 @@ impl TreeBuilder {
             d.data = span(start, list.len() as u32);
             d.nlink = subdirs.saturating_add(2);
         }
-        for (node, target) in self.symlinks {
+        let mut symlinks: Vec<_> = self.symlinks.into_iter().collect();
+        symlinks.sort_unstable_by_key(|(node, _)| *node);
+        for (node, target) in symlinks {
             let n = &mut self.nodes[node as usize];
             if n.kind() == Kind::Symlink {
                 n.size = target.len() as u64;
@@ -187,7 +193,9 @@ impl TreeBuilder {
             }
         }
         let mut xattrs = Vec::new();
-        for (node, mut list) in self.xattrs {
+        let mut by_node: Vec<_> = self.xattrs.into_iter().collect();
+        by_node.sort_unstable_by_key(|(node, _)| *node);
+        for (node, mut list) in by_node {
             list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             let n = &mut self.nodes[node as usize];
             n.xattr_start = xattrs.len() as u32;
@@ -468,6 +476,36 @@ mod tests {
         let f = t.lookup_path("dir042/file0999").unwrap();
         assert_eq!(t.attr(f).size, 999);
         assert_eq!(t.file(f), Some(u64::from(f.0)));
+    }
+
+    #[test]
+    fn equal_inputs_build_equal_trees() {
+        let build = || {
+            let mut b = TreeBuilder::new(dir());
+            for d in 0..20 {
+                b.add(&format!("d{d}"), dir()).unwrap();
+                for f in 0..20 {
+                    let name = format!("d{d}/.wh.f{f}");
+                    b.add(&name, file(0)).unwrap();
+                    let l = b
+                        .add(
+                            &format!("d{d}/l{f}"),
+                            Attr {
+                                kind: Kind::Symlink,
+                                ..Attr::default()
+                            },
+                        )
+                        .unwrap();
+                    b.set_symlink_target(l, format!("t{f}").as_bytes());
+                    b.set_xattr(l, b"user.x", format!("{d}.{f}").as_bytes());
+                }
+            }
+            b.build()
+        };
+        let (a, b) = (build(), build());
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.arena, b.arena);
+        assert_eq!(a.lookup_path("d7/f3"), b.lookup_path("d7/f3"));
     }
 
     #[test]

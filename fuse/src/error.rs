@@ -58,4 +58,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A live connection could not be served again.
+    #[error("resume FUSE at {}: {reason}", mountpoint.display())]
+    Resume {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+        /// Why not.
+        reason: String,
+    },
 }

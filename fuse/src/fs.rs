@@ -77,6 +77,7 @@ impl LayerFs {
         attr_ttl: Duration,
         want_passthrough: bool,
         passthrough: Arc<AtomicBool>,
+        open_files: OpenFiles,
     ) -> Self {
         LayerFs {
             tree,
@@ -85,7 +86,7 @@ impl LayerFs {
             attr_ttl,
             want_passthrough,
             passthrough,
-            open_files: OpenFiles::default(),
+            open_files,
         }
     }
 
@@ -188,12 +189,20 @@ impl LayerFs {
             self.content.opened(file);
         }
         let fh = FileHandle(node.ino());
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
-        }
-        let backing = self
-            .open_files
-            .open(node.0, || self.backing_id(node, n, &reply));
+        // Every open is counted, passthrough or not: the kernel's mode of an inode
+        // outlives this process, and a successor must know it (see `passthrough`).
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        let backing = self.open_files.open(
+            node.0,
+            || {
+                passthrough
+                    .then(|| self.backing_id(node, n, &reply))
+                    .flatten()
+            },
+            // SAFETY: the id was registered on this connection by the previous server
+            // and, as its open table says, not closed; we take over closing it.
+            |id| unsafe { reply.wrap_backing(id) },
+        );
         match backing {
             Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
             None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
@@ -201,8 +210,8 @@ impl LayerFs {
     }
 
     /// Registers the node's local backing file with the kernel, if the content has one
-    /// of the right size.
-    fn backing_id(&self, node: NodeRef, n: &Node, reply: &ReplyOpen) -> Option<BackingId> {
+    /// of the right size; returns it with the kernel's number for it.
+    fn backing_id(&self, node: NodeRef, n: &Node, reply: &ReplyOpen) -> Option<(BackingId, u32)> {
         let file = self.content.backing_file(self.tree.file(node)?)?;
         match file.metadata() {
             Ok(meta) if meta.len() == n.size => {}
@@ -221,7 +230,11 @@ impl LayerFs {
             }
         }
         match reply.open_backing(&file) {
-            Ok(id) => Some(id),
+            Ok(id) => {
+                let raw = id.into_raw();
+                // SAFETY: `raw` was just registered and its only owner gave it up.
+                Some((unsafe { reply.wrap_backing(raw) }, raw))
+            }
             Err(e) => {
                 warn!(ino = node.ino(), "kernel refused the backing file: {e}");
                 None
@@ -396,10 +409,12 @@ impl Filesystem for LayerFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Replied first, counted after: a crash in between leaves the count too high,
+        // which a successor survives, rather than too low, which it would not.
+        reply.ok();
         if let Some(node) = NodeRef::from_ino(ino.0) {
             self.open_files.release(node.0);
         }
-        reply.ok();
     }
 
     fn fsync(

@@ -17,6 +17,7 @@ mod attr;
 mod builder;
 mod error;
 mod fs;
+mod handshake;
 mod mount;
 mod mountinfo;
 mod passthrough;
@@ -29,6 +30,7 @@ use std::fmt;
 pub use attr::{Attr, Kind};
 pub use builder::TreeBuilder;
 pub use error::Error;
+pub use mount::handover::{Connection, ConnectionInfo, is_live, resume};
 pub use mount::{Mount, MountOptions, kernel_supports_passthrough, mount};
 pub use tree::{NodeRef, Tree};
 

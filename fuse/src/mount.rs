@@ -23,18 +23,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fuser::{BackgroundSession, Config, Session, SessionACL};
+use fuser::BackgroundSession;
 use nix::mount::{MntFlags, MsFlags};
 use tracing::{info, warn};
 
-use crate::{
-    Content, Error, Tree,
-    fs::{self, LayerFs},
-    mountinfo,
-};
+use crate::{Content, Error, Tree, fs, mountinfo, passthrough::OpenTable};
+
+pub(crate) mod handover;
 
 /// The filesystem subtype: mounts show as `fuse.lazysnap`.
-const FS_TYPE: &str = "fuse.lazysnap";
+pub(crate) const FS_TYPE: &str = "fuse.lazysnap";
 /// How long unmount waits for the session to end before leaving it to serve the
 /// remaining users of a detached mount.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -77,6 +75,8 @@ pub struct Mount {
     dev: String,
     session: Option<BackgroundSession>,
     passthrough: Arc<AtomicBool>,
+    /// What a successor needs to take the mount over (see `handover`).
+    kept: handover::Kept,
 }
 
 /// Mounts `tree` read-only at `mountpoint`, reading file bytes from `content`.
@@ -139,26 +139,17 @@ pub fn mount(
         .map_err(detach_on_error)?;
 
     let passthrough = Arc::new(AtomicBool::new(false));
-    let fs = LayerFs::new(
+    let opens = OpenTable::create(tree.node_count()).map_err(detach_on_error)?;
+    let (session, kept) = handover::serve(
         tree,
         content,
-        opts.entry_timeout,
-        opts.attr_timeout,
-        opts.passthrough,
-        Arc::clone(&passthrough),
-    );
-    let acl = if opts.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    let mut config = Config::default();
-    config.acl = acl;
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let session =
-        Session::from_fd(fs, OwnedFd::from(dev_fuse), acl, config).map_err(detach_on_error)?;
-    let session = session.spawn().map_err(detach_on_error)?;
+        opts,
+        OwnedFd::from(dev_fuse),
+        opens,
+        passthrough.clone(),
+        None,
+    )
+    .map_err(detach_on_error)?;
     info!(
         mountpoint = %mountpoint.display(),
         passthrough = passthrough.load(Ordering::Relaxed),
@@ -170,6 +161,7 @@ pub fn mount(
         dev: ours.dev,
         session: Some(session),
         passthrough,
+        kept,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The `lazysnap` command line.
 
 pub mod convert;
+pub mod fd_holder;
 pub mod layer;
 pub mod mount;
 pub mod pull;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Turn remote layers (one snapshot, or every remote layer of an image) into
     /// plain directories, through the running daemon.
     Unlazy(unlazy::UnlazyArgs),
+    /// Keep the daemon's FUSE connections open across its restarts (started by `serve`).
+    #[command(hide = true)]
+    FdHolder(fd_holder::FdHolderArgs),
 }
 
 /// Runs the parsed command.
@@ -52,5 +56,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => mount::run(a),
         Command::Pull(a) => pull::run(a),
         Command::Unlazy(a) => unlazy::run(a),
+        Command::FdHolder(a) => fd_holder::run(a),
     }
 }

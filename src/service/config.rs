@@ -53,6 +53,11 @@ pub struct FuseConfig {
     pub attr_timeout_ms: u64,
     /// Let the kernel read fully cached files directly (Linux 6.9+ FUSE passthrough).
     pub passthrough: bool,
+    /// Keep remote layers mounted, and their FUSE connections open in the fd holder
+    /// (`<root>/fdstore.sock`), when the daemon stops, crashes or is replaced; the next
+    /// daemon serves them again, so running containers keep reading. `false`: stop
+    /// unmounts them, and a crash leaves them broken.
+    pub keep_mounts_on_exit: bool,
 }
 
 impl Default for FuseConfig {
@@ -62,6 +67,7 @@ impl Default for FuseConfig {
             entry_timeout_ms: 1000,
             attr_timeout_ms: 1000,
             passthrough: true,
+            keep_mounts_on_exit: true,
         }
     }
 }

@@ -12,16 +12,18 @@
 //!   address = "/run/lazysnap/lazysnap.sock"
 //! ```
 //!
-//! Shutdown (SIGTERM or SIGINT) stops accepting, lets calls in flight finish (up to
-//! 10 s), and unmounts the remote layers; the next start mounts them again before
-//! the socket opens. Containers still running on remote layers lose them, as with
-//! stargz-snapshotter without its FUSE manager.
+//! Shutdown (SIGTERM or SIGINT, or a successor started with `--takeover`) stops
+//! accepting and lets calls in flight finish (up to 10 s). Remote layers whose FUSE
+//! connections the fd holder keeps (`fuse.keep_mounts_on_exit`, the default) stay
+//! mounted, and the next daemon serves them again, so containers running on them keep
+//! working; otherwise they are unmounted.
 
 pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod signals;
+pub mod takeover;
 
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -131,6 +133,15 @@ pub async fn serve(
         });
     }
 
+    let takeover_path = takeover::socket(&config.root);
+    let successor = takeover::listen(&takeover_path)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = successor => {}
+        }
+    };
+
     let listener = bind_unix(&config.socket)?;
     info!(socket = %config.socket.display(), root = %config.root.display(), "serving containerd snapshots API");
     let svc = grpc::SnapshotsService::new(snapshotter.clone(), metrics);
@@ -161,10 +172,10 @@ pub async fn serve(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     drop(endpoint);
-    for p in [&config.socket, &status_path] {
+    for p in [&config.socket, &status_path, &takeover_path] {
         let _ = std::fs::remove_file(p);
     }
-    // Unmount, and drop the snapshotter (and with it the remote filesystem, which may
+    // Unmount (or leave mounted for the next daemon), and drop the snapshotter (and with it the remote filesystem, which may
     // own a runtime of its own) on the blocking pool, never on an async worker.
     let _ = tokio::task::spawn_blocking(move || {
         snapshotter.close();

@@ -24,9 +24,10 @@ use super::remote::{Progress, RemoteFs};
 use crate::cache::{CacheConfig, ChunkCache};
 use crate::error::{Error, Result};
 use crate::format::{ANNOTATION_TOC_DIGEST, OpenOptions};
-use crate::layer::mount::mount_layer;
 use crate::layer::workers::Workers;
 use crate::layer::{LayerConfig, RegistryBlob, RemoteLayer, image};
+
+mod handover;
 
 /// Layer descriptor annotations containerd forwards as labels (prefix
 /// `containerd.io/snapshot/`): the eStargz TOC digest.
@@ -57,6 +58,7 @@ struct Inner {
     /// One open at a time per digest.
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     images: Mutex<HashMap<String, Arc<Image>>>,
+    handover: handover::State,
 }
 
 /// Lazily mounted layers for the snapshotter.
@@ -91,6 +93,7 @@ impl LazyFs {
             ahead: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            handover: handover::State::default(),
         });
         Ok(LazyFs {
             inner,
@@ -114,7 +117,12 @@ impl Drop for LazyFs {
             }
         }
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+            if self.inner.handover.leaving() {
+                // Left mounts are served until the process exits, from this runtime.
+                std::mem::forget(rt);
+            } else {
+                rt.shutdown_background();
+            }
         }
     }
 }
@@ -310,7 +318,8 @@ impl RemoteFs for LazyFs {
         off_runtime(move || {
             let (layer, reference, digest) = inner.open(&labels)?;
             inner.open_ahead(&reference, &digest, &labels);
-            let fuse = mount_layer(
+            let fuse = handover::mount_or_resume(
+                &inner.handover,
                 layer.clone(),
                 &mp,
                 &MountOptions {
@@ -322,6 +331,7 @@ impl RemoteFs for LazyFs {
                 },
                 inner.workers.clone(),
             )?;
+            inner.handover.keep(&mp, &fuse, &labels);
             let stop = Arc::new(AtomicBool::new(false));
             // prefetch, then the rest of the layer, off the Prepare path
             let (l, s, bg) = (layer.clone(), stop.clone(), inner.cfg.background_fetch);
@@ -356,7 +366,21 @@ impl RemoteFs for LazyFs {
         })
     }
 
+    fn take_over(&self, snapshots: &[(PathBuf, HashMap<String, String>)]) -> Vec<PathBuf> {
+        self.take_over_held(snapshots)
+    }
+
+    fn restore(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()> {
+        self.restore_lazily(mountpoint, labels);
+        Ok(())
+    }
+
+    fn leave_mounted(&self) -> Vec<PathBuf> {
+        self.leave_kept_mounted()
+    }
+
     fn check(&self, mountpoint: &Path, _labels: &HashMap<String, String>) -> Result<()> {
+        self.ensure_restored(mountpoint)?;
         let known = lock(&self.inner.mounts).contains_key(mountpoint);
         if known && lazysnap_fuse::is_mountpoint(mountpoint) {
             Ok(())
@@ -369,6 +393,7 @@ impl RemoteFs for LazyFs {
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<()> {
+        self.inner.handover.forget(mountpoint);
         let m = lock(&self.inner.mounts).remove(mountpoint);
         if let Some(mut m) = m {
             m.stop.store(true, Ordering::Relaxed);
@@ -409,6 +434,8 @@ impl RemoteFs for LazyFs {
     }
 
     fn detach(&self, mountpoint: &Path) -> Result<()> {
+        // the holder lets go of the connection too, so that it ends with its last user
+        self.inner.handover.forget(mountpoint);
         let m = lock(&self.inner.mounts).remove(mountpoint);
         let Some(mut m) = m else {
             return self.unmount(mountpoint);

@@ -5,12 +5,13 @@
 
 pub mod apply;
 pub mod filter;
+pub mod holder;
 pub mod labels;
 pub mod lazyfs;
 pub mod mounts;
 pub mod policy;
 pub mod remote;
-mod restore;
+pub(crate) mod restore;
 pub mod snapshotter;
 pub mod store;
 mod usage;

@@ -1,7 +1,7 @@
 //! The seam to the lazy layer filesystem (stargz-snapshotter's `FileSystem`).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::ApplyStats;
 use crate::error::Result;
@@ -28,6 +28,25 @@ impl Progress {
 pub trait RemoteFs: Send + Sync + 'static {
     /// Mounts the layer the labels identify at `mountpoint` (an existing empty dir). Err = cannot be lazy → ordinary Prepare.
     fn mount(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()>;
+    /// Start-up, before stale mounts under `snapshots/` are detached: takes over the
+    /// still-mounted layers of these remote snapshots (mountpoint, labels) whose
+    /// connections outlived the previous daemon; returns their mountpoints (as
+    /// mountinfo shows them), which must stay mounted.
+    fn take_over(&self, snapshots: &[(PathBuf, HashMap<String, String>)]) -> Vec<PathBuf> {
+        let _ = snapshots;
+        Vec::new()
+    }
+    /// Start-up: makes a remote snapshot available again. The default mounts it now;
+    /// a lazy implementation serves taken-over layers and mounts the rest at first use
+    /// (`check`).
+    fn restore(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()> {
+        self.mount(mountpoint, labels)
+    }
+    /// Shutdown: stops serving, leaving mounted the layers the next daemon can take
+    /// over; returns their mountpoints (the caller unmounts the others).
+    fn leave_mounted(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
     /// Whether the mount at `mountpoint` is healthy (Mounts answers Unavailable if not).
     fn check(&self, mountpoint: &Path, labels: &HashMap<String, String>) -> Result<()>;
     /// Unmounts (idempotent; a missing mount is Ok).

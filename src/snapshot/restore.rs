@@ -21,6 +21,17 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// `path` as mountinfo shows it (symlinks resolved), without touching `path` itself:
+/// it may be a FUSE mount whose server is gone, where any access waits for a server.
+pub fn real_mountpoint(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map_or_else(|_| path.to_path_buf(), |d| d.join(name)),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Detaches (`MNT_DETACH`) a mount; mounts in use stay alive until released.
 pub fn detach(path: &Path) -> Result<()> {
     nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)

@@ -272,12 +272,31 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Start-up: detaches stale mounts under `snapshots/` (left by a crash), removes
-    /// unowned directories, and mounts every remote snapshot again from its stored
-    /// labels. A layer that cannot be mounted is logged and kept; `Mounts` over it
-    /// answers Unavailable until it can be.
+    /// Start-up: takes over the remote layers still mounted from the previous daemon
+    /// (see [`RemoteFs::take_over`]), detaches every other mount under `snapshots/`
+    /// (left by a crash), removes unowned directories, and makes every remote
+    /// snapshot available again from its stored labels ([`RemoteFs::restore`]: at
+    /// once, or at first use). A layer that cannot be mounted is logged and kept;
+    /// `Mounts` over it answers Unavailable until it can be.
     pub fn restore(&self) -> Result<()> {
+        let records = self.store.read(|tx| tx.records())?;
+        let remote: Vec<_> = records
+            .iter()
+            .filter(|(_, r)| labels::is_remote(&r.labels))
+            .collect();
+        let taken = match &self.remote {
+            Some(fs) => fs.take_over(
+                &remote
+                    .iter()
+                    .map(|(_, r)| (self.layout.fs(r.id), to_map(&r.labels)))
+                    .collect::<Vec<_>>(),
+            ),
+            None => Vec::new(),
+        };
         for mp in restore::mounts_under(&self.layout.snapshots())? {
+            if taken.contains(&mp) {
+                continue;
+            }
             info!(mountpoint = %mp.display(), "detaching stale mount");
             if let Err(e) = restore::detach(&mp) {
                 warn!(mountpoint = %mp.display(), error = %e, "cannot detach stale mount");
@@ -285,10 +304,11 @@ impl Snapshotter {
         }
         self.cleanup()?;
         self.recover_unlazy()?;
-        let records = self.store.read(|tx| tx.records())?;
-        for (key, rec) in records.iter().filter(|(_, r)| labels::is_remote(&r.labels)) {
+        for (key, rec) in remote {
             let fs_dir = self.layout.fs(rec.id);
-            if !fs_dir.exists() {
+            // A taken-over mount is not looked at: nobody serves it yet.
+            let kept = taken.contains(&restore::real_mountpoint(&fs_dir));
+            if !kept && !fs_dir.exists() {
                 fs::DirBuilder::new()
                     .mode(0o755)
                     .recursive(true)
@@ -299,8 +319,8 @@ impl Snapshotter {
                 warn!(snapshot = %key, "remote snapshot kept unmounted: no remote filesystem configured");
                 continue;
             };
-            match remote.mount(&fs_dir, &to_map(&rec.labels)) {
-                Ok(()) => info!(snapshot = %key, id = %rec.id, "remote snapshot mounted again"),
+            match remote.restore(&fs_dir, &to_map(&rec.labels)) {
+                Ok(()) => info!(snapshot = %key, id = %rec.id, "remote snapshot restored"),
                 Err(e) => warn!(snapshot = %key, id = %rec.id, error = %e,
                     "cannot mount remote snapshot again; Mounts over it answer unavailable"),
             }
@@ -308,7 +328,8 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Clean shutdown: unmounts every remote snapshot (they are mounted again at start).
+    /// Shutdown: leaves mounted the remote layers the remote filesystem can hand to
+    /// the next daemon ([`RemoteFs::leave_mounted`]) and unmounts the others.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let Some(remote) = &self.remote else { return };
@@ -319,8 +340,13 @@ impl Snapshotter {
                 return;
             }
         };
+        let left = remote.leave_mounted();
         for (key, rec) in records.iter().filter(|(_, r)| labels::is_remote(&r.labels)) {
-            if let Err(e) = remote.unmount(&self.layout.fs(rec.id)) {
+            let fs_dir = self.layout.fs(rec.id);
+            if left.contains(&fs_dir) {
+                continue;
+            }
+            if let Err(e) = remote.unmount(&fs_dir) {
                 warn!(snapshot = %key, error = %e, "close: unmount failed");
             }
         }

@@ -192,20 +192,29 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.child = Some(self.launch(&[]));
+        self.wait_socket();
+    }
+
+    /// Starts `lazysnap serve EXTRA`, logging to the daemon's log.
+    fn launch(&self, extra: &[&str]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("lazysnap.log"))
             .expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
+        Command::new(env!("CARGO_BIN_EXE_lazysnap"))
             .args(["serve", "--config"])
             .arg(&self.config)
+            .args(extra)
             .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("spawn lazysnap serve");
-        self.child = Some(child);
+            .expect("spawn lazysnap serve")
+    }
+
+    fn wait_socket(&self) {
         let sock = self.socket.clone();
         let up = wait_until(Duration::from_secs(30), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
@@ -286,6 +295,36 @@ impl Daemon {
         assert!(self.child.is_none());
         self.spawn();
     }
+
+    /// Starts a successor with `serve --takeover`; returns once the old daemon has
+    /// exited and the new one accepts.
+    pub fn takeover(&mut self) {
+        let mut old = self.child.take().expect("a running daemon");
+        self.child = Some(self.launch(&["--takeover"]));
+        let exited = wait_until(Duration::from_secs(60), || {
+            matches!(old.try_wait(), Ok(Some(_)))
+        });
+        assert!(exited, "the old daemon did not hand over:\n{}", self.log());
+        self.wait_socket();
+    }
+
+    /// The fd holder's process id, if one runs for this root.
+    pub fn holder_pid(&self) -> Option<i32> {
+        let pid = std::fs::read_to_string(self.root.join("fdstore.pid")).ok()?;
+        let pid: i32 = pid.trim().parse().ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
+    /// Kills the fd holder: with the daemon gone too, every FUSE connection ends.
+    pub fn kill_holder(&self) {
+        if let Some(pid) = self.holder_pid() {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            wait_until(Duration::from_secs(10), || {
+                nix::sys::signal::kill(pid, None).is_err()
+            });
+        }
+    }
 }
 
 impl Drop for Daemon {
@@ -294,6 +333,7 @@ impl Drop for Daemon {
             kill_and_wait(&mut c, Duration::from_secs(10));
         }
         detach_mounts_under(&self.root);
+        self.kill_holder();
     }
 }
 

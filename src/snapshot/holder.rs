@@ -1,0 +1,337 @@
+//! The fd holder: a small long-lived process (`lazysnap fd-holder`) that keeps a
+//! duplicate of every mounted layer's `/dev/fuse` connection, so that the connection
+//! survives the daemon (SIGKILL, crash, upgrade). Requests that arrive while no daemon
+//! serves wait in the kernel; the next daemon asks the holder for the connections and
+//! serves them again (`lazysnap_fuse::resume`).
+//!
+//! The protocol: JSON messages on a `SOCK_SEQPACKET` unix socket (`<root>/fdstore.sock`,
+//! 0600), descriptors attached with `SCM_RIGHTS`. A [`Record`] carries what the next
+//! daemon needs besides the descriptors: where the layer is mounted, how the
+//! connection was set up, and the snapshot labels that name the layer. The holder
+//! drops a record when the daemon says the layer was unmounted, or when the kernel
+//! ends the connection (the mount is gone and unused).
+
+pub mod server;
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lazysnap_fuse::{Connection, ConnectionInfo};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    connect, recvmsg, sendmsg, socket,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+
+/// Version of the message format; a holder refuses nothing, it only reports it.
+const PROTOCOL: u32 = 1;
+/// Largest message (records carry labels, which can list every layer of an image).
+const MAX_MESSAGE: usize = 1 << 20;
+/// How long a daemon waits for a holder it started to listen.
+const SPAWN_WAIT: Duration = Duration::from_secs(10);
+
+/// What the holder keeps with a connection's descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Where the layer is mounted.
+    pub mountpoint: PathBuf,
+    /// mountinfo id and device of the mount.
+    pub mount_id: u64,
+    /// `major:minor` of the mount.
+    pub dev: String,
+    /// The connection's FUSE_INIT request and reply.
+    pub init_request: Vec<u8>,
+    /// See `init_request`.
+    pub init_reply: Vec<u8>,
+    /// Fingerprint of the inode tree served.
+    pub tree_fingerprint: u64,
+    /// The snapshot labels that name the layer.
+    pub labels: HashMap<String, String>,
+}
+
+impl Record {
+    /// The record of a connection serving the layer `labels` name.
+    pub fn new(info: &ConnectionInfo, labels: &HashMap<String, String>) -> Record {
+        Record {
+            mountpoint: info.mountpoint.clone(),
+            mount_id: info.mount_id,
+            dev: info.dev.clone(),
+            init_request: info.init_request.clone(),
+            init_reply: info.init_reply.clone(),
+            tree_fingerprint: info.tree_fingerprint,
+            labels: labels.clone(),
+        }
+    }
+
+    /// The connection info part.
+    pub fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            mountpoint: self.mountpoint.clone(),
+            mount_id: self.mount_id,
+            dev: self.dev.clone(),
+            init_request: self.init_request.clone(),
+            init_reply: self.init_reply.clone(),
+            tree_fingerprint: self.tree_fingerprint,
+        }
+    }
+}
+
+/// A connection handed back by the holder, with its record.
+#[derive(Debug)]
+pub struct Held {
+    /// What was recorded.
+    pub record: Record,
+    /// The descriptors, ready to resume.
+    pub connection: Connection,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Hello,
+    /// Keep this connection (two descriptors: `/dev/fuse`, open table), replacing any
+    /// record for the same mountpoint.
+    Put {
+        record: Box<Record>,
+    },
+    /// Forget the connection at this mountpoint.
+    Drop {
+        mountpoint: PathBuf,
+    },
+    /// Hand every connection back (one `Item` each, then `End`).
+    List,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+enum Reply {
+    Ok,
+    Hello { pid: u32, protocol: u32 },
+    Item { record: Box<Record> },
+    End,
+    Error { message: String },
+}
+
+/// The daemon's connection to the holder.
+#[derive(Debug)]
+pub struct Holder {
+    path: PathBuf,
+    socket: Mutex<OwnedFd>,
+    pid: u32,
+}
+
+impl Holder {
+    /// Connects to the holder listening at `path`.
+    pub fn connect(path: &Path) -> Result<Holder> {
+        let socket = dial(path)?;
+        let pid = match call(&socket, &Request::Hello, &[])?.0 {
+            Reply::Hello { pid, protocol } => {
+                if protocol != PROTOCOL {
+                    info!(pid, protocol, "fd holder speaks another protocol version");
+                }
+                pid
+            }
+            other => return Err(unexpected(path, &other)),
+        };
+        Ok(Holder {
+            path: path.to_path_buf(),
+            socket: Mutex::new(socket),
+            pid,
+        })
+    }
+
+    /// Connects to the holder at `path`, starting one with `spawn` if none listens.
+    pub fn connect_or_spawn(
+        path: &Path,
+        spawn: impl FnOnce() -> std::io::Result<()>,
+    ) -> Result<Holder> {
+        if let Ok(h) = Holder::connect(path) {
+            return Ok(h);
+        }
+        spawn()
+            .map_err(|e| Error::io(format!("starting the fd holder for {}", path.display()), e))?;
+        let start = Instant::now();
+        loop {
+            match Holder::connect(path) {
+                Ok(h) => {
+                    info!(pid = h.pid, socket = %path.display(), "fd holder started");
+                    return Ok(h);
+                }
+                Err(e) if start.elapsed() > SPAWN_WAIT => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// The holder's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Hands the holder a connection to keep.
+    pub fn put(&self, record: &Record, conn: &Connection) -> Result<()> {
+        let fds = [conn.device.as_raw_fd(), conn.opens.as_raw_fd()];
+        let put = Request::Put {
+            record: Box::new(record.clone()),
+        };
+        match self.call(&put, &fds)?.0 {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&self.path, &other)),
+        }
+    }
+
+    /// Tells the holder to close the connection at `mountpoint` (it was unmounted).
+    pub fn forget(&self, mountpoint: &Path) -> Result<()> {
+        let drop = Request::Drop {
+            mountpoint: mountpoint.to_path_buf(),
+        };
+        match self.call(&drop, &[])?.0 {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&self.path, &other)),
+        }
+    }
+
+    /// Every connection the holder keeps (it keeps them too).
+    pub fn list(&self) -> Result<Vec<Held>> {
+        let socket = self.lock();
+        send(&socket, &Request::List, &[]).map_err(|e| self.fail(e))?;
+        let mut out = Vec::new();
+        loop {
+            let (reply, fds) = receive::<Reply>(&socket).map_err(|e| self.fail(e))?;
+            match reply {
+                Reply::Item { record } => {
+                    let mut fds = fds.into_iter();
+                    let (Some(device), Some(opens)) = (fds.next(), fds.next()) else {
+                        warn!(mountpoint = %record.mountpoint.display(), "fd holder sent a record without its descriptors");
+                        continue;
+                    };
+                    let connection = Connection {
+                        device,
+                        opens,
+                        info: record.info(),
+                    };
+                    out.push(Held {
+                        record: *record,
+                        connection,
+                    });
+                }
+                Reply::End => return Ok(out),
+                other => return Err(unexpected(&self.path, &other)),
+            }
+        }
+    }
+
+    fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+        let mut socket = self.lock();
+        match call(&socket, req, fds) {
+            Ok(r) => Ok(r),
+            // The holder restarted (or our connection broke): one new try.
+            Err(_) => {
+                *socket = dial(&self.path)?;
+                call(&socket, req, fds)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OwnedFd> {
+        self.socket.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(&self, e: std::io::Error) -> Error {
+        Error::io(format!("fd holder {}", self.path.display()), e)
+    }
+}
+
+fn unexpected(path: &Path, reply: &Reply) -> Error {
+    let what = match reply {
+        Reply::Error { message } => message.clone(),
+        other => format!("unexpected reply {other:?}"),
+    };
+    Error::io(
+        format!("fd holder {}", path.display()),
+        std::io::Error::other(what),
+    )
+}
+
+fn dial(path: &Path) -> Result<OwnedFd> {
+    let fail = |e: nix::Error| {
+        Error::io(
+            format!("connecting to fd holder {}", path.display()),
+            e.into(),
+        )
+    };
+    let s = seqpacket().map_err(fail)?;
+    let addr = UnixAddr::new(path).map_err(fail)?;
+    connect(s.as_raw_fd(), &addr).map_err(fail)?;
+    Ok(s)
+}
+
+fn call(socket: &OwnedFd, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
+    let io = |e| Error::io("talking to the fd holder", e);
+    send(socket, req, fds).map_err(io)?;
+    receive(socket).map_err(io)
+}
+
+/// A new `SOCK_SEQPACKET` unix socket.
+pub(crate) fn seqpacket() -> nix::Result<OwnedFd> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
+/// Sends one message with `fds` attached.
+pub(crate) fn send<T: Serialize>(socket: &OwnedFd, msg: &T, fds: &[RawFd]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one message and the descriptors attached to it. End of stream is
+/// `UnexpectedEof`.
+pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
+    socket: &OwnedFd,
+) -> std::io::Result<(T, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            // SAFETY: descriptors received with SCM_RIGHTS are new and ours alone.
+            fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let (n, truncated) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC));
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    if truncated {
+        return Err(std::io::Error::other("message larger than 1 MiB"));
+    }
+    let value = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
+    Ok((value, fds))
+}
