@@ -124,6 +124,7 @@ impl Reader {
             reads: window.len(),
             failed: window.iter().filter(|(_, ok)| !ok).count(),
             stall,
+            span: prev.duration_since(start),
         }
     }
 }
@@ -132,6 +133,23 @@ struct Figures {
     reads: usize,
     failed: usize,
     stall: Duration,
+    span: Duration,
+}
+
+impl Figures {
+    fn print(&self, case: &str, extra: serde_json::Value) {
+        let mut v = serde_json::json!({
+            "case": case,
+            "window_s": self.span.as_secs_f64(),
+            "reads": self.reads,
+            "failed": self.failed,
+            "longest_stall_ms": self.stall.as_secs_f64() * 1000.0,
+        });
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        println!("restart-figure {v}");
+    }
 }
 
 fn estargz_image(reg: &Registry) -> String {
@@ -217,6 +235,16 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
         c.log()
     );
 
+    // The loop's own rhythm, for comparison: a window of the same kind without a
+    // restart.
+    let start = Instant::now();
+    let after = reader.count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(reader.wait_lines(after, 50, Duration::from_secs(60)));
+    reader
+        .figures(start)
+        .print("no restart (baseline)", serde_json::json!({}));
+
     type Restart = fn(&mut Daemon);
     let restarts: [(&str, Restart); 3] = [
         ("SIGTERM, start again", |d| d.restart()),
@@ -233,15 +261,9 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
         let after = reader.count();
         let kept_reading = reader.wait_lines(after, 50, Duration::from_secs(60));
         let f = reader.figures(start);
-        println!(
-            "restart-figure {}",
-            serde_json::json!({
-                "case": name,
-                "reads": f.reads,
-                "failed": f.failed,
-                "longest_stall_ms": f.stall.as_secs_f64() * 1000.0,
-                "daemon_up_ms": up.as_secs_f64() * 1000.0,
-            })
+        f.print(
+            name,
+            serde_json::json!({ "daemon_up_ms": up.as_secs_f64() * 1000.0 }),
         );
         assert!(
             kept_reading,

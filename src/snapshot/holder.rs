@@ -228,6 +228,16 @@ impl Holder {
         }
     }
 
+    /// Tells the holder to close every connection it keeps (a daemon that will not
+    /// take them over): their users then see an error instead of waiting forever.
+    pub fn release_all(&self) -> Result<usize> {
+        let held = self.list()?;
+        for h in &held {
+            self.forget(&h.record.mountpoint)?;
+        }
+        Ok(held.len())
+    }
+
     fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
         let mut socket = self.lock();
         match call(&socket, req, fds) {
@@ -334,4 +344,94 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     }
     let value = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
     Ok((value, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mp: &str) -> Record {
+        Record {
+            mountpoint: PathBuf::from(mp),
+            mount_id: 7,
+            dev: "0:99".into(),
+            init_request: vec![1, 2, 3],
+            init_reply: vec![4, 5],
+            tree_fingerprint: 0xfeed,
+            labels: HashMap::from([("k".to_string(), "v".to_string())]),
+        }
+    }
+
+    /// A pipe's read end stands in for `/dev/fuse`: it reports POLLHUP once the write
+    /// end is closed, as the device reports POLLERR once its connection ended.
+    fn connection(mp: &str) -> (Connection, OwnedFd) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (table, _) = nix::unistd::pipe().unwrap();
+        let conn = Connection {
+            device: r,
+            opens: table,
+            info: record(mp).info(),
+        };
+        (conn, w)
+    }
+
+    #[test]
+    fn holder_keeps_hands_back_forgets_and_reaps_connections() {
+        let t = tempfile::tempdir().unwrap();
+        let sock = t.path().join("fdstore.sock");
+        let path = sock.clone();
+        let server = std::thread::spawn(move || server::run(&path));
+        let h = Holder::connect_or_spawn(&sock, || Ok(())).unwrap();
+        assert_eq!(h.pid(), std::process::id());
+        // a second holder on the same socket leaves at once
+        server::run(&sock).unwrap();
+
+        let (a, a_writer) = connection("/mnt/a");
+        let (b, b_writer) = connection("/mnt/b");
+        h.put(&record("/mnt/a"), &a).unwrap();
+        h.put(&record("/mnt/b"), &b).unwrap();
+        drop((a, b)); // the holder's copies keep them open
+        let mut held = h.list().unwrap();
+        held.sort_by(|x, y| x.record.mountpoint.cmp(&y.record.mountpoint));
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[0].record, record("/mnt/a"));
+        assert_eq!(held[0].connection.info, record("/mnt/a").info());
+        // the descriptor handed back is the same open file
+        nix::unistd::write(&a_writer, b"x").unwrap();
+        let mut buf = [0u8; 1];
+        nix::unistd::read(&held[0].connection.device, &mut buf).unwrap();
+        assert_eq!(&buf, b"x");
+        drop(held);
+
+        h.forget(Path::new("/mnt/a")).unwrap();
+        drop(a_writer);
+        let left: Vec<_> = h
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|x| x.record.mountpoint)
+            .collect();
+        assert_eq!(left, [PathBuf::from("/mnt/b")]);
+
+        // an ended connection is dropped by the holder itself
+        drop(b_writer);
+        let start = Instant::now();
+        while !h.list().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(20), "never reaped");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        // nothing held, nobody connected: the holder exits and removes its socket
+        drop(h);
+        let start = Instant::now();
+        while !server.is_finished() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "holder never exited"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server.join().unwrap().unwrap();
+        assert!(!sock.exists());
+    }
 }

@@ -243,12 +243,30 @@ impl LazyFs {
     /// returns their mountpoints (the caller unmounts the rest).
     pub(super) fn leave_kept_mounted(&self) -> Vec<PathBuf> {
         let state = &self.inner.handover;
-        if state.holder.get().is_none() {
+        let Some(holder) = state.holder.get() else {
             return Vec::new();
-        }
+        };
+        // Only what the holder really has (it may have died, or been restarted and
+        // lost its records): anything else would be left mounted with nobody to
+        // serve it.
+        let held: HashSet<PathBuf> = match holder.list() {
+            Ok(h) => h.into_iter().map(|h| h.record.mountpoint).collect(),
+            Err(e) => {
+                warn!(error = %e, "the fd holder is gone; unmounting every layer");
+                return Vec::new();
+            }
+        };
         state.leaving.store(true, Ordering::Relaxed);
-        let kept = lock(&state.kept).clone();
-        let mut left: Vec<PathBuf> = lock(&state.held).keys().cloned().collect();
+        let kept: HashSet<PathBuf> = lock(&state.kept)
+            .iter()
+            .filter(|mp| held.contains(&real_mountpoint(mp)))
+            .cloned()
+            .collect();
+        let mut left: Vec<PathBuf> = lock(&state.held)
+            .keys()
+            .filter(|mp| held.contains(&real_mountpoint(mp)))
+            .cloned()
+            .collect();
         for (mp, m) in lock(&self.inner.mounts).iter_mut() {
             if !kept.contains(mp) {
                 continue;
