@@ -72,22 +72,9 @@ fn rpull_runs_lazily_and_survives_kill_9() {
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
 
-    let mut cmd = std::process::Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        &image,
-    ]);
-    let out = support::run_bounded(cmd, std::time::Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
+    if let Err(e) = c.rpull(&image) {
+        panic!("rpull: {e}\n{}", daemon.log());
+    }
     assert_eq!(run(&c, &image, "lazy-1").trim(), MOTD, "{}", daemon.log());
 
     // the layer is a remote snapshot, and the registry never sent the whole blob
@@ -99,20 +86,9 @@ fn rpull_runs_lazily_and_survives_kill_9() {
         statuses.iter().all(|&s| s == 206),
         "layer blob GETs must all be ranges, got {statuses:?}"
     );
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(["status", "--json", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        status.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = daemon.status();
     let layers = v["layers"].as_array().cloned().unwrap_or_default();
-    assert_eq!(layers.len(), 1, "{text}");
+    assert_eq!(layers.len(), 1, "{v}");
     let fetched = layers[0]["fetched_bytes"].as_u64().unwrap();
     eprintln!("fetched {fetched} of {blob_size} blob bytes");
     assert!(

@@ -165,39 +165,6 @@ fn estargz_image(reg: &Registry) -> String {
     reg.push_image("restart/busybox", "esgz", &[layer])
 }
 
-fn rpull(c: &Containerd, image: &str, daemon: &Daemon) {
-    let mut cmd = Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        image,
-    ]);
-    let out = support::run_bounded(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
-}
-
-fn status(daemon: &Daemon) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(["status", "--json", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .expect("lazysnap status");
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status json")
-}
-
 #[test]
 fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     if !require(
@@ -223,7 +190,9 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     );
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
-    rpull(&c, &image, &daemon);
+    if let Err(e) = c.rpull(&image) {
+        panic!("rpull: {e}\n{}", daemon.log());
+    }
     assert!(daemon.holder_pid().is_some(), "serve starts the fd holder");
 
     let reader = Reader::start(&c, &image);
@@ -286,7 +255,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
             daemon.log()
         );
     }
-    let layers = status(&daemon)["layers"]
+    let layers = daemon.status()["layers"]
         .as_array()
         .cloned()
         .unwrap_or_default();
@@ -311,7 +280,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     let start = Instant::now();
     daemon.start_again();
     let up = start.elapsed();
-    let s = status(&daemon);
+    let s = daemon.status();
     let answered = start.elapsed();
     println!(
         "restart-figure {}",
@@ -347,7 +316,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
         "/etc/motd",
     ]);
     assert_eq!(out.trim(), MOTD, "{}", daemon.log());
-    let layers = status(&daemon)["layers"]
+    let layers = daemon.status()["layers"]
         .as_array()
         .cloned()
         .unwrap_or_default();

@@ -40,47 +40,11 @@ const SPAWN_WAIT: Duration = Duration::from_secs(10);
 /// What the holder keeps with a connection's descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Where the layer is mounted.
-    pub mountpoint: PathBuf,
-    /// mountinfo id and device of the mount.
-    pub mount_id: u64,
-    /// `major:minor` of the mount.
-    pub dev: String,
-    /// The connection's FUSE_INIT request and reply.
-    pub init_request: Vec<u8>,
-    /// See `init_request`.
-    pub init_reply: Vec<u8>,
-    /// Fingerprint of the inode tree served.
-    pub tree_fingerprint: u64,
+    /// Where the layer is mounted and how its connection was set up.
+    #[serde(flatten)]
+    pub info: ConnectionInfo,
     /// The snapshot labels that name the layer.
     pub labels: HashMap<String, String>,
-}
-
-impl Record {
-    /// The record of a connection serving the layer `labels` name.
-    pub fn new(info: &ConnectionInfo, labels: &HashMap<String, String>) -> Record {
-        Record {
-            mountpoint: info.mountpoint.clone(),
-            mount_id: info.mount_id,
-            dev: info.dev.clone(),
-            init_request: info.init_request.clone(),
-            init_reply: info.init_reply.clone(),
-            tree_fingerprint: info.tree_fingerprint,
-            labels: labels.clone(),
-        }
-    }
-
-    /// The connection info part.
-    pub fn info(&self) -> ConnectionInfo {
-        ConnectionInfo {
-            mountpoint: self.mountpoint.clone(),
-            mount_id: self.mount_id,
-            dev: self.dev.clone(),
-            init_request: self.init_request.clone(),
-            init_reply: self.init_reply.clone(),
-            tree_fingerprint: self.tree_fingerprint,
-        }
-    }
 }
 
 /// A connection handed back by the holder, with its record.
@@ -209,13 +173,13 @@ impl Holder {
                 Reply::Item { record } => {
                     let mut fds = fds.into_iter();
                     let (Some(device), Some(opens)) = (fds.next(), fds.next()) else {
-                        warn!(mountpoint = %record.mountpoint.display(), "fd holder sent a record without its descriptors");
+                        warn!(mountpoint = %record.info.mountpoint.display(), "fd holder sent a record without its descriptors");
                         continue;
                     };
                     let connection = Connection {
                         device,
                         opens,
-                        info: record.info(),
+                        info: record.info.clone(),
                     };
                     out.push(Held {
                         record: *record,
@@ -233,7 +197,7 @@ impl Holder {
     pub fn release_all(&self) -> Result<usize> {
         let held = self.list()?;
         for h in &held {
-            self.forget(&h.record.mountpoint)?;
+            self.forget(&h.record.info.mountpoint)?;
         }
         Ok(held.len())
     }
@@ -352,12 +316,14 @@ mod tests {
 
     fn record(mp: &str) -> Record {
         Record {
-            mountpoint: PathBuf::from(mp),
-            mount_id: 7,
-            dev: "0:99".into(),
-            init_request: vec![1, 2, 3],
-            init_reply: vec![4, 5],
-            tree_fingerprint: 0xfeed,
+            info: ConnectionInfo {
+                mountpoint: PathBuf::from(mp),
+                mount_id: 7,
+                dev: "0:99".into(),
+                init_request: vec![1, 2, 3],
+                init_reply: vec![4, 5],
+                tree_fingerprint: 0xfeed,
+            },
             labels: HashMap::from([("k".to_string(), "v".to_string())]),
         }
     }
@@ -370,7 +336,7 @@ mod tests {
         let conn = Connection {
             device: r,
             opens: table,
-            info: record(mp).info(),
+            info: record(mp).info,
         };
         (conn, w)
     }
@@ -392,10 +358,10 @@ mod tests {
         h.put(&record("/mnt/b"), &b).unwrap();
         drop((a, b)); // the holder's copies keep them open
         let mut held = h.list().unwrap();
-        held.sort_by(|x, y| x.record.mountpoint.cmp(&y.record.mountpoint));
+        held.sort_by(|x, y| x.record.info.mountpoint.cmp(&y.record.info.mountpoint));
         assert_eq!(held.len(), 2);
         assert_eq!(held[0].record, record("/mnt/a"));
-        assert_eq!(held[0].connection.info, record("/mnt/a").info());
+        assert_eq!(held[0].connection.info, record("/mnt/a").info);
         // the descriptor handed back is the same open file
         nix::unistd::write(&a_writer, b"x").unwrap();
         let mut buf = [0u8; 1];
@@ -409,7 +375,7 @@ mod tests {
             .list()
             .unwrap()
             .into_iter()
-            .map(|x| x.record.mountpoint)
+            .map(|x| x.record.info.mountpoint)
             .collect();
         assert_eq!(left, [PathBuf::from("/mnt/b")]);
 

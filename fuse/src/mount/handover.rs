@@ -35,7 +35,7 @@ use crate::{
 
 /// What identifies a live connection and how it was set up; plain data, for the
 /// caller to store next to the descriptors.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
     /// Where it is mounted (canonical path).
     pub mountpoint: PathBuf,

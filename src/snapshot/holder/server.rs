@@ -157,9 +157,9 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
             let mut fds = fds.into_iter();
             match (fds.next(), fds.next()) {
                 (Some(device), Some(opens)) => {
-                    info!(mountpoint = %record.mountpoint.display(), "holding connection");
+                    info!(mountpoint = %record.info.mountpoint.display(), "holding connection");
                     kept.insert(
-                        record.mountpoint.clone(),
+                        record.info.mountpoint.clone(),
                         Kept {
                             record: *record,
                             device,
@@ -171,7 +171,7 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
                 _ => Reply::Error {
                     message: format!(
                         "{}: a put needs two descriptors",
-                        record.mountpoint.display()
+                        record.info.mountpoint.display()
                     ),
                 },
             }

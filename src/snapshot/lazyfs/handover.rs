@@ -61,7 +61,13 @@ impl State {
         };
         let kept = fuse.connection().map_err(|e| e.to_string()).and_then(|c| {
             holder
-                .put(&Record::new(&c.info, labels), &c)
+                .put(
+                    &Record {
+                        info: c.info.clone(),
+                        labels: labels.clone(),
+                    },
+                    &c,
+                )
                 .map_err(|e| e.to_string())
         });
         match kept {
@@ -165,7 +171,7 @@ impl LazyFs {
             .collect();
         let mut taken = Vec::new();
         for h in held {
-            let mp = h.record.mountpoint.clone();
+            let mp = h.record.info.mountpoint.clone();
             let ours = by_canonical.get(&mp).copied();
             match ours {
                 Some(given) if lazysnap_fuse::is_live(&h.connection.info) => {
@@ -250,7 +256,7 @@ impl LazyFs {
         // lost its records): anything else would be left mounted with nobody to
         // serve it.
         let held: HashSet<PathBuf> = match holder.list() {
-            Ok(h) => h.into_iter().map(|h| h.record.mountpoint).collect(),
+            Ok(h) => h.into_iter().map(|h| h.record.info.mountpoint).collect(),
             Err(e) => {
                 warn!(error = %e, "the fd holder is gone; unmounting every layer");
                 return Vec::new();
