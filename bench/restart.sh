@@ -76,6 +76,8 @@ accepts (for SIGTERM it includes the old daemon's shutdown).
 | case | window s | reads | failed reads (all runs) | longest stall ms | stall vs baseline | daemon up ms |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: |
 $rows
+
+$(cat "$ROOT/bench/restart-notes.md" 2>/dev/null || true)
 EOF
 python3 "$ROOT/bench/replace-section.py" "$OUTMD" "$SECTION" "$WORK/section.md"
 echo "wrote '$SECTION' in $OUTMD" >&2
