@@ -346,7 +346,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let sock = t.path().join("fdstore.sock");
         let path = sock.clone();
-        let server = std::thread::spawn(move || server::run(&path));
+        let ms = Duration::from_millis;
+        let server = std::thread::spawn(move || server::run_timed(&path, ms(500), ms(200)));
         let h = Holder::connect_or_spawn(&sock, || Ok(())).unwrap();
         assert_eq!(h.pid(), std::process::id());
         // a second holder on the same socket leaves at once

@@ -32,6 +32,11 @@ struct Kept {
 /// Runs the holder on `socket` until it is idle. Returns at once if another holder
 /// already answers there.
 pub fn run(socket: &Path) -> Result<()> {
+    run_timed(socket, IDLE_EXIT, REAP_EVERY)
+}
+
+/// [`run`] with its idle time and reaping period (tests shorten them).
+pub(crate) fn run_timed(socket: &Path, idle_exit: Duration, reap_every: Duration) -> Result<()> {
     if super::Holder::connect(socket).is_ok() {
         info!(socket = %socket.display(), "another fd holder is running");
         return Ok(());
@@ -63,7 +68,7 @@ pub fn run(socket: &Path) -> Result<()> {
                 clients.swap_remove(i);
             }
         }
-        if reaped.elapsed() >= REAP_EVERY {
+        if reaped.elapsed() >= reap_every {
             reaped = Instant::now();
             for mp in ended(&kept) {
                 info!(mountpoint = %mp.display(), "connection ended; record dropped");
@@ -72,7 +77,7 @@ pub fn run(socket: &Path) -> Result<()> {
         }
         if !clients.is_empty() || !kept.is_empty() {
             idle_since = Instant::now();
-        } else if idle_since.elapsed() >= IDLE_EXIT {
+        } else if idle_since.elapsed() >= idle_exit {
             info!("nothing held and nobody connected; fd holder exits");
             let _ = std::fs::remove_file(socket);
             let _ = std::fs::remove_file(&pid_file);
@@ -99,7 +104,7 @@ fn bind_socket(path: &Path) -> Result<OwnedFd> {
     Ok(s)
 }
 
-/// Waits up to a second; returns whether a daemon is connecting and which clients
+/// Waits up to 200 ms; returns whether a daemon is connecting and which clients
 /// have a message (or hung up).
 fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
     let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + clients.len());
@@ -109,7 +114,7 @@ fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
             .iter()
             .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
     );
-    match poll(&mut fds, PollTimeout::from(1000u16)) {
+    match poll(&mut fds, PollTimeout::from(200u16)) {
         Ok(_) | Err(nix::errno::Errno::EINTR) => {}
         Err(e) => return Err(Error::io("fd holder poll", e.into())),
     }
