@@ -61,13 +61,16 @@ pub struct Held {
 enum Request {
     Hello,
     /// Keep this connection (two descriptors: `/dev/fuse`, open table), replacing any
-    /// record for the same mountpoint.
+    /// record for the same mount (mountpoint and mount id).
     Put {
         record: Box<Record>,
     },
-    /// Forget the connection at this mountpoint.
+    /// Forget the connections at this mountpoint (only the one of this mount id,
+    /// when given).
     Drop {
         mountpoint: PathBuf,
+        #[serde(default)]
+        mount_id: Option<u64>,
     },
     /// Hand every connection back (one `Item` each, then `End`).
     List,
@@ -151,10 +154,20 @@ impl Holder {
         }
     }
 
-    /// Tells the holder to close the connection at `mountpoint` (it was unmounted).
+    /// Tells the holder to close the connections at `mountpoint` (unmounted).
     pub fn forget(&self, mountpoint: &Path) -> Result<()> {
+        self.drop_records(mountpoint, None)
+    }
+
+    /// Tells the holder to close this one connection.
+    pub fn forget_mount(&self, info: &ConnectionInfo) -> Result<()> {
+        self.drop_records(&info.mountpoint, Some(info.mount_id))
+    }
+
+    fn drop_records(&self, mountpoint: &Path, mount_id: Option<u64>) -> Result<()> {
         let drop = Request::Drop {
             mountpoint: mountpoint.to_path_buf(),
+            mount_id,
         };
         match self.call(&drop, &[])?.0 {
             Reply::Ok => Ok(()),
@@ -197,7 +210,7 @@ impl Holder {
     pub fn release_all(&self) -> Result<usize> {
         let held = self.list()?;
         for h in &held {
-            self.forget(&h.record.info.mountpoint)?;
+            self.forget_mount(&h.record.info)?;
         }
         Ok(held.len())
     }

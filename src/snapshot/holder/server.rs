@@ -23,6 +23,10 @@ const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// How often ended connections are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
+/// Records are kept per mount: a layer detached while in use and a newer mount at the
+/// same mountpoint are two connections.
+type Key = (PathBuf, u64);
+
 struct Kept {
     record: Record,
     device: OwnedFd,
@@ -47,7 +51,7 @@ pub(crate) fn run_timed(socket: &Path, idle_exit: Duration, reap_every: Duration
         .ctx(|| format!("writing {}", pid_file.display()))?;
     info!(socket = %socket.display(), pid = std::process::id(), "fd holder listening");
     let mut clients: Vec<OwnedFd> = Vec::new();
-    let mut kept: HashMap<PathBuf, Kept> = HashMap::new();
+    let mut kept: HashMap<Key, Kept> = HashMap::new();
     let mut idle_since = Instant::now();
     let mut reaped = Instant::now();
     loop {
@@ -70,9 +74,9 @@ pub(crate) fn run_timed(socket: &Path, idle_exit: Duration, reap_every: Duration
         }
         if reaped.elapsed() >= reap_every {
             reaped = Instant::now();
-            for mp in ended(&kept) {
-                info!(mountpoint = %mp.display(), "connection ended; record dropped");
-                kept.remove(&mp);
+            for key in ended(&kept) {
+                info!(mountpoint = %key.0.display(), "connection ended; record dropped");
+                kept.remove(&key);
             }
         }
         if !clients.is_empty() || !kept.is_empty() {
@@ -125,8 +129,8 @@ fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
 }
 
 /// The held connections the kernel has ended (a FUSE device reports POLLERR then).
-fn ended(kept: &HashMap<PathBuf, Kept>) -> Vec<PathBuf> {
-    let held: Vec<(&PathBuf, &Kept)> = kept.iter().collect();
+fn ended(kept: &HashMap<Key, Kept>) -> Vec<Key> {
+    let held: Vec<(&Key, &Kept)> = kept.iter().collect();
     let mut fds: Vec<PollFd<'_>> = held
         .iter()
         .map(|(_, k)| PollFd::new(k.device.as_fd(), PollFlags::empty()))
@@ -143,7 +147,7 @@ fn ended(kept: &HashMap<PathBuf, Kept>) -> Vec<PathBuf> {
 }
 
 /// Answers one message; false when the client is gone.
-fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
+fn serve_one(client: &OwnedFd, kept: &mut HashMap<Key, Kept>) -> bool {
     let (req, fds) = match receive::<Request>(client) {
         Ok(r) => r,
         Err(e) => {
@@ -164,7 +168,7 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
                 (Some(device), Some(opens)) => {
                     info!(mountpoint = %record.info.mountpoint.display(), "holding connection");
                     kept.insert(
-                        record.info.mountpoint.clone(),
+                        (record.info.mountpoint.clone(), record.info.mount_id),
                         Kept {
                             record: *record,
                             device,
@@ -181,8 +185,13 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
                 },
             }
         }
-        Request::Drop { mountpoint } => {
-            if kept.remove(&mountpoint).is_some() {
+        Request::Drop {
+            mountpoint,
+            mount_id,
+        } => {
+            let before = kept.len();
+            kept.retain(|(mp, id), _| *mp != mountpoint || mount_id.is_some_and(|m| m != *id));
+            if kept.len() < before {
                 info!(mountpoint = %mountpoint.display(), "connection released");
             }
             Reply::Ok
