@@ -24,8 +24,12 @@ VERSION="lazysnap $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
 for i in $(seq "$N"); do
   echo "restart.sh: run $i of $N" >&2
-  (cd "$ROOT" && CI=true cargo test --release --quiet --test e2e_restart -- --nocapture) 2>&1 |
-    grep '^restart-figure ' | sed 's/^restart-figure //' >>"$WORK/figures.jsonl"
+  if ! (cd "$ROOT" && CI=true cargo test --release --quiet --test e2e_restart -- --nocapture) \
+    >"$WORK/run$i.log" 2>&1; then
+    grep -A20 panicked "$WORK/run$i.log" >&2 || tail -50 "$WORK/run$i.log" >&2
+    exit 1
+  fi
+  grep '^restart-figure ' "$WORK/run$i.log" | sed 's/^restart-figure //' >>"$WORK/figures.jsonl"
 done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
 
