@@ -80,20 +80,9 @@ fn rpull_runs_lazily_and_survives_kill_9() {
         statuses.iter().all(|&s| s == 206),
         "layer blob GETs must all be ranges, got {statuses:?}"
     );
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(["status", "--json", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(
-        status.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let v = daemon.status();
     let layers = v["layers"].as_array().cloned().unwrap_or_default();
-    assert_eq!(layers.len(), 1, "{text}");
+    assert_eq!(layers.len(), 1, "{v}");
     let fetched = layers[0]["fetched_bytes"].as_u64().unwrap();
     eprintln!("fetched {fetched} of {blob_size} blob bytes");
     assert!(

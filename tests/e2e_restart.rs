@@ -1,8 +1,9 @@
 //! Mounts that survive the daemon, end to end with real containerd, runc and
 //! docker-registry: a container reading files of a lazily pulled image in a loop
 //! keeps reading, without one failed read, while `lazysnap serve` is stopped with
-//! SIGTERM and started again, killed with SIGKILL and started again, and replaced by
-//! `lazysnap serve --takeover`. Then a simulated reboot (mounts detached, fd holder
+//! SIGTERM and started again, killed with SIGKILL and started again, replaced by
+//! `lazysnap serve --takeover`, and killed again after its layer's mount was detached
+//! under the container (as unlazy does). Then a simulated reboot (mounts detached, fd holder
 //! killed) with the registry down: the daemon's socket answers at once, and once the
 //! registry is back containers start from the restored snapshots.
 //!
@@ -124,6 +125,7 @@ impl Reader {
             reads: window.len(),
             failed: window.iter().filter(|(_, ok)| !ok).count(),
             stall,
+            span: prev.duration_since(start),
         }
     }
 }
@@ -132,6 +134,23 @@ struct Figures {
     reads: usize,
     failed: usize,
     stall: Duration,
+    span: Duration,
+}
+
+impl Figures {
+    fn print(&self, case: &str, extra: serde_json::Value) {
+        let mut v = serde_json::json!({
+            "case": case,
+            "window_s": self.span.as_secs_f64(),
+            "reads": self.reads,
+            "failed": self.failed,
+            "longest_stall_ms": self.stall.as_secs_f64() * 1000.0,
+        });
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        println!("restart-figure {v}");
+    }
 }
 
 fn estargz_image(reg: &Registry) -> String {
@@ -145,39 +164,6 @@ fn estargz_image(reg: &Registry) -> String {
         },
     );
     reg.push_image("restart/busybox", "esgz", &[layer])
-}
-
-fn rpull(c: &Containerd, image: &str, daemon: &Daemon) {
-    let mut cmd = Command::new("/usr/bin/ctr-remote");
-    cmd.arg("--address").arg(&c.address).args([
-        "image",
-        "rpull",
-        "--plain-http",
-        "--snapshotter",
-        "lazysnap",
-        image,
-    ]);
-    let out = support::run_bounded(cmd, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "rpull: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        daemon.log()
-    );
-}
-
-fn status(daemon: &Daemon) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-        .args(["status", "--json", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .expect("lazysnap status");
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status json")
 }
 
 #[test]
@@ -205,7 +191,9 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     );
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
-    rpull(&c, &image, &daemon);
+    if let Err(e) = c.rpull(&image) {
+        panic!("rpull: {e}\n{}", daemon.log());
+    }
     assert!(daemon.holder_pid().is_some(), "serve starts the fd holder");
 
     let reader = Reader::start(&c, &image);
@@ -217,31 +205,50 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
         c.log()
     );
 
+    // The loop's own rhythm, for comparison: a window of the same kind without a
+    // restart.
+    let start = Instant::now();
+    let after = reader.count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(reader.wait_lines(after, 50, Duration::from_secs(60)));
+    reader
+        .figures(start)
+        .print("no restart (baseline)", serde_json::json!({}));
+
+    // (case, restart, layers mounted afterwards: a detached layer is served on for
+    // its users but no longer mounted)
     type Restart = fn(&mut Daemon);
-    let restarts: [(&str, Restart); 3] = [
-        ("SIGTERM, start again", |d| d.restart()),
-        ("SIGKILL, start again", |d| {
-            d.kill9();
-            d.start_again();
-        }),
-        ("serve --takeover", |d| d.takeover()),
+    let restarts: [(&str, Restart, usize); 4] = [
+        ("SIGTERM, start again", |d| d.restart(), 1),
+        (
+            "SIGKILL, start again",
+            |d| {
+                d.kill9();
+                d.start_again();
+            },
+            1,
+        ),
+        ("serve --takeover", |d| d.takeover(), 1),
+        (
+            "layer detached in use, SIGKILL, start again",
+            |d| {
+                support::detach_mounts_under(&d.root.join("snapshots"));
+                d.kill9();
+                d.start_again();
+            },
+            0,
+        ),
     ];
-    for (i, (name, restart)) in restarts.into_iter().enumerate() {
+    for (i, (name, restart, mounted)) in restarts.into_iter().enumerate() {
         let start = Instant::now();
         restart(&mut daemon);
         let up = start.elapsed();
         let after = reader.count();
         let kept_reading = reader.wait_lines(after, 50, Duration::from_secs(60));
         let f = reader.figures(start);
-        println!(
-            "restart-figure {}",
-            serde_json::json!({
-                "case": name,
-                "reads": f.reads,
-                "failed": f.failed,
-                "longest_stall_ms": f.stall.as_secs_f64() * 1000.0,
-                "daemon_up_ms": up.as_secs_f64() * 1000.0,
-            })
+        f.print(
+            name,
+            serde_json::json!({ "daemon_up_ms": up.as_secs_f64() * 1000.0 }),
         );
         assert!(
             kept_reading,
@@ -256,24 +263,23 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
             reader.said(),
             daemon.log()
         );
-        let taken = daemon.log().matches("taking over a live mount").count();
+        let log = daemon.log();
+        let taken = log.matches("taking over a live mount").count()
+            + log
+                .matches("taking over a detached layer still in use")
+                .count();
         assert_eq!(
             taken,
             i + 1,
             "{name}: the layer was not taken over:\n{}",
             daemon.log()
         );
+        let layers = daemon.status()["layers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(layers.len(), mounted, "{name}: {layers:?}");
     }
-    let layers = status(&daemon)["layers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(
-        layers.len(),
-        1,
-        "the taken-over layer is served: {layers:?}"
-    );
-
     let _ = c.ctr(&["task", "kill", "-s", "KILL", "reader"]);
     let mut reader = reader;
     let _ = reader.child.wait();
@@ -289,7 +295,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     let start = Instant::now();
     daemon.start_again();
     let up = start.elapsed();
-    let s = status(&daemon);
+    let s = daemon.status();
     let answered = start.elapsed();
     println!(
         "restart-figure {}",
@@ -325,7 +331,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
         "/etc/motd",
     ]);
     assert_eq!(out.trim(), MOTD, "{}", daemon.log());
-    let layers = status(&daemon)["layers"]
+    let layers = daemon.status()["layers"]
         .as_array()
         .cloned()
         .unwrap_or_default();

@@ -30,7 +30,7 @@ use std::fmt;
 pub use attr::{Attr, Kind};
 pub use builder::TreeBuilder;
 pub use error::Error;
-pub use mount::handover::{Connection, ConnectionInfo, is_live, resume};
+pub use mount::handover::{Connection, ConnectionInfo, is_live, resume, resume_detached};
 pub use mount::{Mount, MountOptions, kernel_supports_passthrough, mount};
 pub use tree::{NodeRef, Tree};
 

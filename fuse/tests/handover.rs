@@ -193,6 +193,12 @@ fn killed_server_is_taken_over() {
     child.wait().unwrap();
     drop(guard);
     assert!(is_live(&conn.info), "the mount outlives its server");
+    assert!(conn.is_open(), "and so does its connection");
+    let probe = Connection {
+        device: conn.device.try_clone().unwrap(),
+        opens: conn.opens.try_clone().unwrap(),
+        info: conn.info.clone(),
+    };
 
     // A successor whose tree is built differently is refused: its inode numbers
     // would name other files.
@@ -267,6 +273,10 @@ fn killed_server_is_taken_over() {
 
     m.unmount().unwrap();
     assert!(!is_mounted(&mnt));
+    assert!(
+        !probe.is_open(),
+        "an unmounted, unused mount ends its connection"
+    );
 }
 
 /// The whole file, read with `O_DIRECT`.

@@ -16,6 +16,9 @@ use lazysnap::snapshot::RemoteFs;
 use lazysnap::snapshot::holder::Holder;
 use lazysnap::snapshot::lazyfs::LazyFs;
 
+/// The fd holder's socket, under the root.
+const HOLDER_SOCKET: &str = "fdstore.sock";
+
 /// How long a successor waits for the running daemon to hand over and exit.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(60);
 
@@ -56,6 +59,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 Ok(h) => fs.keep_mounts(h),
                 Err(e) => warn!("layers will not survive a restart: {e:#}"),
             }
+        } else if let Ok(h) = Holder::connect(&config.root.join(HOLDER_SOCKET)) {
+            // Kept by an earlier daemon that was configured to keep them: nobody will
+            // take them over now, so let their users see an error, not wait forever.
+            match h.release_all() {
+                Ok(n) => info!(
+                    layers = n,
+                    "keep_mounts_on_exit = false: released kept layers"
+                ),
+                Err(e) => warn!("cannot release the layers the fd holder keeps: {e}"),
+            }
         }
         Some(Arc::new(fs))
     } else {
@@ -71,7 +84,7 @@ fn holder(root: &Path) -> anyhow::Result<Holder> {
         .recursive(true)
         .create(root)
         .with_context(|| format!("creating {}", root.display()))?;
-    let socket = root.join("fdstore.sock");
+    let socket = root.join(HOLDER_SOCKET);
     Holder::connect_or_spawn(&socket, || spawn_holder(&socket)).map_err(Into::into)
 }
 

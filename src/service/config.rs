@@ -220,6 +220,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.metrics_address.unwrap().port(), 9100);
         assert!(!c.layer.prefetch);
+        assert!(Config::default().fuse.keep_mounts_on_exit);
+        let c = Config::parse("[fuse]\nkeep_mounts_on_exit = false\n", "t").unwrap();
+        assert!(!c.fuse.keep_mounts_on_exit);
         for (bad, needle) in [
             ("sockett = \"/x\"", "unknown field"),
             ("socket = \"rel\"", "absolute"),

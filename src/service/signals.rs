@@ -1,5 +1,6 @@
 //! SIGTERM and SIGINT both mean a clean shutdown: stop accepting, drain calls in
-//! flight, unmount remote layers (they are mounted again at the next start).
+//! flight, then leave remote layers mounted for the next daemon (when the fd holder
+//! keeps their connections) or unmount them.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;

@@ -40,47 +40,11 @@ const SPAWN_WAIT: Duration = Duration::from_secs(10);
 /// What the holder keeps with a connection's descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Where the layer is mounted.
-    pub mountpoint: PathBuf,
-    /// mountinfo id and device of the mount.
-    pub mount_id: u64,
-    /// `major:minor` of the mount.
-    pub dev: String,
-    /// The connection's FUSE_INIT request and reply.
-    pub init_request: Vec<u8>,
-    /// See `init_request`.
-    pub init_reply: Vec<u8>,
-    /// Fingerprint of the inode tree served.
-    pub tree_fingerprint: u64,
+    /// Where the layer is mounted and how its connection was set up.
+    #[serde(flatten)]
+    pub info: ConnectionInfo,
     /// The snapshot labels that name the layer.
     pub labels: HashMap<String, String>,
-}
-
-impl Record {
-    /// The record of a connection serving the layer `labels` name.
-    pub fn new(info: &ConnectionInfo, labels: &HashMap<String, String>) -> Record {
-        Record {
-            mountpoint: info.mountpoint.clone(),
-            mount_id: info.mount_id,
-            dev: info.dev.clone(),
-            init_request: info.init_request.clone(),
-            init_reply: info.init_reply.clone(),
-            tree_fingerprint: info.tree_fingerprint,
-            labels: labels.clone(),
-        }
-    }
-
-    /// The connection info part.
-    pub fn info(&self) -> ConnectionInfo {
-        ConnectionInfo {
-            mountpoint: self.mountpoint.clone(),
-            mount_id: self.mount_id,
-            dev: self.dev.clone(),
-            init_request: self.init_request.clone(),
-            init_reply: self.init_reply.clone(),
-            tree_fingerprint: self.tree_fingerprint,
-        }
-    }
 }
 
 /// A connection handed back by the holder, with its record.
@@ -97,13 +61,16 @@ pub struct Held {
 enum Request {
     Hello,
     /// Keep this connection (two descriptors: `/dev/fuse`, open table), replacing any
-    /// record for the same mountpoint.
+    /// record for the same mount (mountpoint and mount id).
     Put {
         record: Box<Record>,
     },
-    /// Forget the connection at this mountpoint.
+    /// Forget the connections at this mountpoint (only the one of this mount id,
+    /// when given).
     Drop {
         mountpoint: PathBuf,
+        #[serde(default)]
+        mount_id: Option<u64>,
     },
     /// Hand every connection back (one `Item` each, then `End`).
     List,
@@ -187,10 +154,20 @@ impl Holder {
         }
     }
 
-    /// Tells the holder to close the connection at `mountpoint` (it was unmounted).
+    /// Tells the holder to close the connections at `mountpoint` (unmounted).
     pub fn forget(&self, mountpoint: &Path) -> Result<()> {
+        self.drop_records(mountpoint, None)
+    }
+
+    /// Tells the holder to close this one connection.
+    pub fn forget_mount(&self, info: &ConnectionInfo) -> Result<()> {
+        self.drop_records(&info.mountpoint, Some(info.mount_id))
+    }
+
+    fn drop_records(&self, mountpoint: &Path, mount_id: Option<u64>) -> Result<()> {
         let drop = Request::Drop {
             mountpoint: mountpoint.to_path_buf(),
+            mount_id,
         };
         match self.call(&drop, &[])?.0 {
             Reply::Ok => Ok(()),
@@ -209,13 +186,13 @@ impl Holder {
                 Reply::Item { record } => {
                     let mut fds = fds.into_iter();
                     let (Some(device), Some(opens)) = (fds.next(), fds.next()) else {
-                        warn!(mountpoint = %record.mountpoint.display(), "fd holder sent a record without its descriptors");
+                        warn!(mountpoint = %record.info.mountpoint.display(), "fd holder sent a record without its descriptors");
                         continue;
                     };
                     let connection = Connection {
                         device,
                         opens,
-                        info: record.info(),
+                        info: record.info.clone(),
                     };
                     out.push(Held {
                         record: *record,
@@ -226,6 +203,16 @@ impl Holder {
                 other => return Err(unexpected(&self.path, &other)),
             }
         }
+    }
+
+    /// Tells the holder to close every connection it keeps (a daemon that will not
+    /// take them over): their users then see an error instead of waiting forever.
+    pub fn release_all(&self) -> Result<usize> {
+        let held = self.list()?;
+        for h in &held {
+            self.forget_mount(&h.record.info)?;
+        }
+        Ok(held.len())
     }
 
     fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>)> {
@@ -334,4 +321,97 @@ pub(crate) fn receive<T: for<'de> Deserialize<'de>>(
     }
     let value = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
     Ok((value, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mp: &str) -> Record {
+        Record {
+            info: ConnectionInfo {
+                mountpoint: PathBuf::from(mp),
+                mount_id: 7,
+                dev: "0:99".into(),
+                init_request: vec![1, 2, 3],
+                init_reply: vec![4, 5],
+                tree_fingerprint: 0xfeed,
+            },
+            labels: HashMap::from([("k".to_string(), "v".to_string())]),
+        }
+    }
+
+    /// A pipe's read end stands in for `/dev/fuse`: it reports POLLHUP once the write
+    /// end is closed, as the device reports POLLERR once its connection ended.
+    fn connection(mp: &str) -> (Connection, OwnedFd) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let (table, _) = nix::unistd::pipe().unwrap();
+        let conn = Connection {
+            device: r,
+            opens: table,
+            info: record(mp).info,
+        };
+        (conn, w)
+    }
+
+    #[test]
+    fn holder_keeps_hands_back_forgets_and_reaps_connections() {
+        let t = tempfile::tempdir().unwrap();
+        let sock = t.path().join("fdstore.sock");
+        let path = sock.clone();
+        let ms = Duration::from_millis;
+        let server = std::thread::spawn(move || server::run_timed(&path, ms(500), ms(200)));
+        let h = Holder::connect_or_spawn(&sock, || Ok(())).unwrap();
+        assert_eq!(h.pid(), std::process::id());
+        // a second holder on the same socket leaves at once
+        server::run(&sock).unwrap();
+
+        let (a, a_writer) = connection("/mnt/a");
+        let (b, b_writer) = connection("/mnt/b");
+        h.put(&record("/mnt/a"), &a).unwrap();
+        h.put(&record("/mnt/b"), &b).unwrap();
+        drop((a, b)); // the holder's copies keep them open
+        let mut held = h.list().unwrap();
+        held.sort_by(|x, y| x.record.info.mountpoint.cmp(&y.record.info.mountpoint));
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[0].record, record("/mnt/a"));
+        assert_eq!(held[0].connection.info, record("/mnt/a").info);
+        // the descriptor handed back is the same open file
+        nix::unistd::write(&a_writer, b"x").unwrap();
+        let mut buf = [0u8; 1];
+        nix::unistd::read(&held[0].connection.device, &mut buf).unwrap();
+        assert_eq!(&buf, b"x");
+        drop(held);
+
+        h.forget(Path::new("/mnt/a")).unwrap();
+        drop(a_writer);
+        let left: Vec<_> = h
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|x| x.record.info.mountpoint)
+            .collect();
+        assert_eq!(left, [PathBuf::from("/mnt/b")]);
+
+        // an ended connection is dropped by the holder itself
+        drop(b_writer);
+        let start = Instant::now();
+        while !h.list().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(20), "never reaped");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        // nothing held, nobody connected: the holder exits and removes its socket
+        drop(h);
+        let start = Instant::now();
+        while !server.is_finished() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "holder never exited"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server.join().unwrap().unwrap();
+        assert!(!sock.exists());
+    }
 }

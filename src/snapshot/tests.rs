@@ -483,3 +483,98 @@ fn restore_remounts_and_close_unmounts() {
 }
 
 mod unlazy;
+
+/// A remote filesystem whose layers outlive the process (tmpfs mounts standing in for
+/// FUSE ones): it leaves every layer mounted at close and, at start, takes over those
+/// listed in `live`.
+#[derive(Default)]
+struct Keeper {
+    live: Mutex<Vec<PathBuf>>,
+    restored: Mutex<Vec<PathBuf>>,
+}
+
+impl RemoteFs for Keeper {
+    fn mount(&self, mp: &Path, _: &HashMap<String, String>) -> Result<()> {
+        nix::mount::mount(
+            Some("keeper"),
+            mp,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=64k"),
+        )
+        .map_err(|e| Error::io(format!("mount {}", mp.display()), e.into()))?;
+        self.live.lock().unwrap().push(mp.to_path_buf());
+        Ok(())
+    }
+
+    fn take_over(&self, snapshots: &[(PathBuf, HashMap<String, String>)]) -> Vec<PathBuf> {
+        let live = self.live.lock().unwrap();
+        snapshots
+            .iter()
+            .filter(|(mp, _)| live.contains(mp))
+            .map(|(mp, _)| restore::real_mountpoint(mp))
+            .collect()
+    }
+
+    fn restore(&self, mp: &Path, _: &HashMap<String, String>) -> Result<()> {
+        self.restored.lock().unwrap().push(mp.to_path_buf());
+        Ok(())
+    }
+
+    fn leave_mounted(&self) -> Vec<PathBuf> {
+        self.live.lock().unwrap().clone()
+    }
+
+    fn check(&self, _: &Path, _: &HashMap<String, String>) -> Result<()> {
+        Ok(())
+    }
+
+    fn unmount(&self, mp: &Path) -> Result<()> {
+        restore::detach(mp)
+    }
+}
+
+/// Detaches whatever a test left mounted under a directory.
+struct DetachUnder(PathBuf);
+
+impl Drop for DetachUnder {
+    fn drop(&mut self) {
+        for mp in restore::mounts_under(&self.0).unwrap_or_default() {
+            let _ = restore::detach(&mp);
+        }
+    }
+}
+
+#[test]
+fn layers_left_mounted_at_close_are_taken_over_and_stale_ones_detached() {
+    let t = tempfile::tempdir().unwrap();
+    let _cleanup = DetachUnder(t.path().canonicalize().unwrap());
+    let first = Arc::new(Keeper::default());
+    {
+        let s = Snapshotter::open(t.path(), Some(first.clone())).unwrap();
+        for (key, chain) in [("k1", "sha256:l1"), ("k2", "sha256:l2")] {
+            assert_err!(
+                s.prepare(key, "", layer_labels(chain)),
+                Error::AlreadyExists(_)
+            );
+        }
+        s.close();
+    }
+    let mounted = |id: u64| {
+        let mp = restore::real_mountpoint(&t.path().join(format!("snapshots/{id}/fs")));
+        restore::mounts_under(t.path()).unwrap().contains(&mp)
+    };
+    assert!(mounted(1) && mounted(2), "close leaves both layers mounted");
+
+    // The next daemon can take over layer 1 only: layer 2's mount is stale.
+    let next = Arc::new(Keeper::default());
+    next.live
+        .lock()
+        .unwrap()
+        .push(t.path().join("snapshots/1/fs"));
+    let s = Snapshotter::open(t.path(), Some(next.clone())).unwrap();
+    s.restore().unwrap();
+    assert!(mounted(1), "a taken-over layer stays mounted");
+    assert!(!mounted(2), "a stale mount is detached");
+    assert_eq!(next.restored.lock().unwrap().len(), 2, "both are restored");
+}

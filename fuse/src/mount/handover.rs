@@ -16,12 +16,13 @@
 use std::{
     fs::File,
     io,
-    os::fd::OwnedFd,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{Arc, atomic::AtomicBool},
 };
 
 use fuser::{BackgroundSession, Config, SessionACL};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tracing::info;
 
 use super::{FS_TYPE, Mount, MountOptions};
@@ -35,7 +36,7 @@ use crate::{
 
 /// What identifies a live connection and how it was set up; plain data, for the
 /// caller to store next to the descriptors.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConnectionInfo {
     /// Where it is mounted (canonical path).
     pub mountpoint: PathBuf,
@@ -164,6 +165,19 @@ pub fn is_live(info: &ConnectionInfo) -> bool {
         .is_some_and(|m| m.id == info.mount_id && m.dev == info.dev && m.fs_type == FS_TYPE)
 }
 
+impl Connection {
+    /// Whether the kernel still has this connection: it ends once its filesystem is
+    /// unmounted and unused, or when it is aborted.
+    pub fn is_open(&self) -> bool {
+        let mut fds = [PollFd::new(self.device.as_fd(), PollFlags::empty())];
+        // No events asked: a FUSE device reports POLLERR once its connection ended.
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0].revents().is_none_or(|r| r.is_empty()),
+            Err(_) => false,
+        }
+    }
+}
+
 /// Serves a connection another process served before, with `tree` (which must be
 /// built as that process built it) and `content`. Requests that waited meanwhile are
 /// answered, and so are those the previous server read but never answered (the kernel
@@ -174,14 +188,42 @@ pub fn resume(
     conn: Connection,
     opts: &MountOptions,
 ) -> Result<Mount, Error> {
+    resume_with(tree, content, conn, opts, true)
+}
+
+/// [`resume`] for a connection whose mount was detached while something still used
+/// it (an overlay over it, an open file): it is served until its last user lets go.
+pub fn resume_detached(
+    tree: Arc<Tree>,
+    content: Arc<dyn Content>,
+    conn: Connection,
+    opts: &MountOptions,
+) -> Result<Mount, Error> {
+    resume_with(tree, content, conn, opts, false)
+}
+
+fn resume_with(
+    tree: Arc<Tree>,
+    content: Arc<dyn Content>,
+    conn: Connection,
+    opts: &MountOptions,
+    mounted: bool,
+) -> Result<Mount, Error> {
+    let refuse = |reason: String| Error::Resume {
+        mountpoint: conn.info.mountpoint.clone(),
+        reason,
+    };
+    if mounted && !is_live(&conn.info) {
+        return Err(refuse("the mount is gone".into()));
+    }
+    if !conn.is_open() {
+        return Err(refuse("the connection has ended".into()));
+    }
     let info = conn.info;
     let refuse = |reason: String| Error::Resume {
         mountpoint: info.mountpoint.clone(),
         reason,
     };
-    if !is_live(&info) {
-        return Err(refuse("the mount is gone".into()));
-    }
     let fingerprint = tree.fingerprint();
     if fingerprint != info.tree_fingerprint {
         return Err(refuse(format!(
@@ -205,7 +247,7 @@ pub fn resume(
         Some(&init),
     )
     .map_err(|e| refuse(e.to_string()))?;
-    info!(mountpoint = %info.mountpoint.display(), "resumed serving a live mount");
+    info!(mountpoint = %info.mountpoint.display(), mounted, "resumed serving a live connection");
     Ok(Mount {
         mountpoint: info.mountpoint,
         mount_id: info.mount_id,

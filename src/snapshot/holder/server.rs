@@ -23,6 +23,10 @@ const IDLE_EXIT: Duration = Duration::from_secs(5);
 /// How often ended connections are looked for.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
+/// Records are kept per mount: a layer detached while in use and a newer mount at the
+/// same mountpoint are two connections.
+type Key = (PathBuf, u64);
+
 struct Kept {
     record: Record,
     device: OwnedFd,
@@ -32,6 +36,11 @@ struct Kept {
 /// Runs the holder on `socket` until it is idle. Returns at once if another holder
 /// already answers there.
 pub fn run(socket: &Path) -> Result<()> {
+    run_timed(socket, IDLE_EXIT, REAP_EVERY)
+}
+
+/// [`run`] with its idle time and reaping period (tests shorten them).
+pub(crate) fn run_timed(socket: &Path, idle_exit: Duration, reap_every: Duration) -> Result<()> {
     if super::Holder::connect(socket).is_ok() {
         info!(socket = %socket.display(), "another fd holder is running");
         return Ok(());
@@ -42,7 +51,7 @@ pub fn run(socket: &Path) -> Result<()> {
         .ctx(|| format!("writing {}", pid_file.display()))?;
     info!(socket = %socket.display(), pid = std::process::id(), "fd holder listening");
     let mut clients: Vec<OwnedFd> = Vec::new();
-    let mut kept: HashMap<PathBuf, Kept> = HashMap::new();
+    let mut kept: HashMap<Key, Kept> = HashMap::new();
     let mut idle_since = Instant::now();
     let mut reaped = Instant::now();
     loop {
@@ -63,16 +72,16 @@ pub fn run(socket: &Path) -> Result<()> {
                 clients.swap_remove(i);
             }
         }
-        if reaped.elapsed() >= REAP_EVERY {
+        if reaped.elapsed() >= reap_every {
             reaped = Instant::now();
-            for mp in ended(&kept) {
-                info!(mountpoint = %mp.display(), "connection ended; record dropped");
-                kept.remove(&mp);
+            for key in ended(&kept) {
+                info!(mountpoint = %key.0.display(), "connection ended; record dropped");
+                kept.remove(&key);
             }
         }
         if !clients.is_empty() || !kept.is_empty() {
             idle_since = Instant::now();
-        } else if idle_since.elapsed() >= IDLE_EXIT {
+        } else if idle_since.elapsed() >= idle_exit {
             info!("nothing held and nobody connected; fd holder exits");
             let _ = std::fs::remove_file(socket);
             let _ = std::fs::remove_file(&pid_file);
@@ -99,7 +108,7 @@ fn bind_socket(path: &Path) -> Result<OwnedFd> {
     Ok(s)
 }
 
-/// Waits up to a second; returns whether a daemon is connecting and which clients
+/// Waits up to 200 ms; returns whether a daemon is connecting and which clients
 /// have a message (or hung up).
 fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
     let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + clients.len());
@@ -109,7 +118,7 @@ fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
             .iter()
             .map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)),
     );
-    match poll(&mut fds, PollTimeout::from(1000u16)) {
+    match poll(&mut fds, PollTimeout::from(200u16)) {
         Ok(_) | Err(nix::errno::Errno::EINTR) => {}
         Err(e) => return Err(Error::io("fd holder poll", e.into())),
     }
@@ -120,8 +129,8 @@ fn wait(listener: &OwnedFd, clients: &[OwnedFd]) -> Result<(bool, Vec<usize>)> {
 }
 
 /// The held connections the kernel has ended (a FUSE device reports POLLERR then).
-fn ended(kept: &HashMap<PathBuf, Kept>) -> Vec<PathBuf> {
-    let held: Vec<(&PathBuf, &Kept)> = kept.iter().collect();
+fn ended(kept: &HashMap<Key, Kept>) -> Vec<Key> {
+    let held: Vec<(&Key, &Kept)> = kept.iter().collect();
     let mut fds: Vec<PollFd<'_>> = held
         .iter()
         .map(|(_, k)| PollFd::new(k.device.as_fd(), PollFlags::empty()))
@@ -138,7 +147,7 @@ fn ended(kept: &HashMap<PathBuf, Kept>) -> Vec<PathBuf> {
 }
 
 /// Answers one message; false when the client is gone.
-fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
+fn serve_one(client: &OwnedFd, kept: &mut HashMap<Key, Kept>) -> bool {
     let (req, fds) = match receive::<Request>(client) {
         Ok(r) => r,
         Err(e) => {
@@ -157,9 +166,9 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
             let mut fds = fds.into_iter();
             match (fds.next(), fds.next()) {
                 (Some(device), Some(opens)) => {
-                    info!(mountpoint = %record.mountpoint.display(), "holding connection");
+                    info!(mountpoint = %record.info.mountpoint.display(), "holding connection");
                     kept.insert(
-                        record.mountpoint.clone(),
+                        (record.info.mountpoint.clone(), record.info.mount_id),
                         Kept {
                             record: *record,
                             device,
@@ -171,13 +180,18 @@ fn serve_one(client: &OwnedFd, kept: &mut HashMap<PathBuf, Kept>) -> bool {
                 _ => Reply::Error {
                     message: format!(
                         "{}: a put needs two descriptors",
-                        record.mountpoint.display()
+                        record.info.mountpoint.display()
                     ),
                 },
             }
         }
-        Request::Drop { mountpoint } => {
-            if kept.remove(&mountpoint).is_some() {
+        Request::Drop {
+            mountpoint,
+            mount_id,
+        } => {
+            let before = kept.len();
+            kept.retain(|(mp, id), _| *mp != mountpoint || mount_id.is_some_and(|m| m != *id));
+            if kept.len() < before {
                 info!(mountpoint = %mountpoint.display(), "connection released");
             }
             Reply::Ok

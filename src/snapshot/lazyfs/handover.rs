@@ -6,7 +6,9 @@
 //! connections whose mounts are still there ([`LazyFs::take_over`]) and serves them
 //! again in the background, while every other remote snapshot is only registered and
 //! mounted at its first use ([`LazyFs::restore`], [`LazyFs::ensure_restored`]), so the
-//! socket opens without waiting for a registry.
+//! socket opens without waiting for a registry. A connection whose mount was detached
+//! while containers still used it (unlazy) is served on, without a mountpoint, until
+//! its last user lets go.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,7 +25,7 @@ use crate::layer::RemoteLayer;
 use crate::layer::mount::{LayerContent, build_tree, mount_layer};
 use crate::layer::workers::Workers;
 use crate::snapshot::RemoteFs;
-use crate::snapshot::holder::{Holder, Record};
+use crate::snapshot::holder::{Held, Holder, Record};
 use crate::snapshot::restore::real_mountpoint;
 
 /// Longest pause between attempts to serve a taken-over layer again.
@@ -45,6 +47,8 @@ pub(super) struct State {
     /// Connections taken back from the holder, waiting to be served again.
     held: Mutex<HashMap<PathBuf, Connection>>,
     pending: Mutex<HashMap<PathBuf, Arc<Pending>>>,
+    /// Detached layers still in use, served until their users let go.
+    orphans: Mutex<Vec<lazysnap_fuse::Mount>>,
     leaving: AtomicBool,
 }
 
@@ -61,7 +65,13 @@ impl State {
         };
         let kept = fuse.connection().map_err(|e| e.to_string()).and_then(|c| {
             holder
-                .put(&Record::new(&c.info, labels), &c)
+                .put(
+                    &Record {
+                        info: c.info.clone(),
+                        labels: labels.clone(),
+                    },
+                    &c,
+                )
                 .map_err(|e| e.to_string())
         });
         match kept {
@@ -116,7 +126,7 @@ pub(super) fn mount_or_resume(
             // error rather than wait forever) and mount afresh.
             warn!(mountpoint = %mountpoint.display(), error = %e, "cannot take the mount over; mounting again");
             if let Some(holder) = state.holder.get()
-                && let Err(e) = holder.forget(&info.mountpoint)
+                && let Err(e) = holder.forget_mount(&info)
             {
                 warn!(error = %e, "fd holder did not release the connection");
             }
@@ -165,23 +175,69 @@ impl LazyFs {
             .collect();
         let mut taken = Vec::new();
         for h in held {
-            let mp = h.record.mountpoint.clone();
-            let ours = by_canonical.get(&mp).copied();
-            match ours {
-                Some(given) if lazysnap_fuse::is_live(&h.connection.info) => {
+            let mp = h.record.info.mountpoint.clone();
+            let live = lazysnap_fuse::is_live(&h.connection.info);
+            match by_canonical.get(&mp).copied() {
+                Some(given) if live => {
                     info!(mountpoint = %mp.display(), "taking over a live mount");
                     lock(&state.held).insert(given.clone(), h.connection);
                     taken.push(mp);
                 }
+                _ if !live && h.connection.is_open() => self.serve_orphan(h),
                 _ => {
                     info!(mountpoint = %mp.display(), "held connection has no live mount or snapshot; released");
-                    if let Err(e) = holder.forget(&mp) {
+                    if let Err(e) = holder.forget_mount(&h.record.info) {
                         warn!(error = %e, "fd holder did not release the connection");
                     }
                 }
             }
         }
         taken
+    }
+
+    /// Serves, in the background, a connection whose mount was detached while in use,
+    /// until its users let go (retrying while the registry is unreachable).
+    fn serve_orphan(&self, held: Held) {
+        let Held { record, connection } = held;
+        let mp = record.info.mountpoint.clone();
+        info!(mountpoint = %mp.display(), "taking over a detached layer still in use");
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lazysnap-orphan".into())
+            .spawn(move || {
+                let state = &inner.handover;
+                let mut pause = Duration::from_millis(500);
+                let layer = loop {
+                    if !connection.is_open() {
+                        return; // its last user let go meanwhile
+                    }
+                    match inner.open(&record.labels) {
+                        Ok((layer, _, _)) => break layer,
+                        Err(e) => {
+                            warn!(mountpoint = %mp.display(), error = %e, "cannot open the detached layer; retrying in {pause:?}");
+                            std::thread::sleep(pause);
+                            pause = (pause * 2).min(RETRY_MAX);
+                        }
+                    }
+                };
+                let served = build_tree(layer.index()).and_then(|tree| {
+                    let content = LayerContent::new(layer, inner.workers.clone());
+                    lazysnap_fuse::resume_detached(Arc::new(tree), content, connection, &inner.fuse)
+                        .map_err(|e| crate::error::Error::Unavailable(e.to_string()))
+                });
+                match served {
+                    Ok(m) => lock(&state.orphans).push(m),
+                    Err(e) => {
+                        warn!(mountpoint = %mp.display(), error = %e, "cannot serve the detached layer; its users lose it");
+                        if let Some(holder) = state.holder.get() {
+                            let _ = holder.forget_mount(&record.info);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start serving a detached layer");
+        }
     }
 
     /// Start-up: a taken-over layer is served again in the background (retrying while
@@ -243,12 +299,33 @@ impl LazyFs {
     /// returns their mountpoints (the caller unmounts the rest).
     pub(super) fn leave_kept_mounted(&self) -> Vec<PathBuf> {
         let state = &self.inner.handover;
-        if state.holder.get().is_none() {
+        let Some(holder) = state.holder.get() else {
             return Vec::new();
+        };
+        for m in lock(&state.orphans).drain(..) {
+            m.leave();
         }
+        // Only what the holder really has (it may have died, or been restarted and
+        // lost its records): anything else would be left mounted with nobody to
+        // serve it.
+        let held: HashSet<PathBuf> = match holder.list() {
+            Ok(h) => h.into_iter().map(|h| h.record.info.mountpoint).collect(),
+            Err(e) => {
+                warn!(error = %e, "the fd holder is gone; unmounting every layer");
+                return Vec::new();
+            }
+        };
         state.leaving.store(true, Ordering::Relaxed);
-        let kept = lock(&state.kept).clone();
-        let mut left: Vec<PathBuf> = lock(&state.held).keys().cloned().collect();
+        let kept: HashSet<PathBuf> = lock(&state.kept)
+            .iter()
+            .filter(|mp| held.contains(&real_mountpoint(mp)))
+            .cloned()
+            .collect();
+        let mut left: Vec<PathBuf> = lock(&state.held)
+            .keys()
+            .filter(|mp| held.contains(&real_mountpoint(mp)))
+            .cloned()
+            .collect();
         for (mp, m) in lock(&self.inner.mounts).iter_mut() {
             if !kept.contains(mp) {
                 continue;
