@@ -191,9 +191,7 @@ fn containers_keep_reading_across_restarts_and_reboot_restores_lazily() {
     );
     let c = Containerd::start(&work.path().join("containerd"), &daemon.socket);
     c.wait_snapshotter("lazysnap");
-    if let Err(e) = c.rpull(&image) {
-        panic!("rpull: {e}\n{}", daemon.log());
-    }
+    c.rpull(&image, &daemon);
     assert!(daemon.holder_pid().is_some(), "serve starts the fd holder");
 
     let reader = Reader::start(&c, &image);

@@ -203,9 +203,12 @@ impl LayerFs {
             // and, as its open table says, not closed; we take over closing it.
             |id| unsafe { reply.wrap_backing(id) },
         );
+        // NOFLUSH: a read-only layer has nothing to flush, and a close must never wait
+        // for this process (a process that forks while the daemon restarts closes its
+        // inherited descriptors at exec).
         match backing {
-            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
-            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            Some(id) => reply.opened_passthrough(fh, FopenFlags::FOPEN_NOFLUSH, &id),
+            None => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH),
         }
     }
 
@@ -396,7 +399,9 @@ impl Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Kernels before 5.16 ignore FOPEN_NOFLUSH; ENOSYS makes them stop sending
+        // FLUSH on this connection.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(

@@ -532,6 +532,18 @@ impl RemoteFs for Keeper {
     fn unmount(&self, mp: &Path) -> Result<()> {
         restore::detach(mp)
     }
+
+    fn materialize(
+        &self,
+        mp: &Path,
+        _: &HashMap<String, String>,
+        _: &Path,
+    ) -> Result<crate::snapshot::ApplyStats> {
+        Err(Error::Fetch {
+            blob: mp.display().to_string(),
+            reason: "the keeper's layers have no content".into(),
+        })
+    }
 }
 
 /// Detaches whatever a test left mounted under a directory.

@@ -308,21 +308,6 @@ impl Daemon {
         self.wait_socket();
     }
 
-    /// `lazysnap status --json` of this daemon.
-    pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_lazysnap"))
-            .args(["status", "--json", "--config"])
-            .arg(&self.config)
-            .output()
-            .expect("lazysnap status");
-        assert!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("status json")
-    }
-
     /// The fd holder's process id, if one runs for this root.
     pub fn holder_pid(&self) -> Option<i32> {
         let pid = std::fs::read_to_string(self.root.join("fdstore.pid")).ok()?;
@@ -476,26 +461,6 @@ state = "{state}"
             ),
         )
         .expect("hosts.toml");
-    }
-
-    /// `ctr-remote image rpull --plain-http --snapshotter lazysnap IMAGE` (bounded to
-    /// 120 s); the error is its stderr.
-    pub fn rpull(&self, image: &str) -> Result<(), String> {
-        let mut cmd = Command::new("/usr/bin/ctr-remote");
-        cmd.arg("--address").arg(&self.address).args([
-            "image",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazysnap",
-            image,
-        ]);
-        let out = run_bounded(cmd, Duration::from_secs(120));
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
     }
 
     /// containerd's log.
