@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::lazy::{Seen, containerd_comparable, snapshot_exact};
 use common::registry::{Layer, Registry};
-use common::{ALICE, Corpus, NOBODY, ROOT};
+use common::{ALICE, Corpus, NOBODY, ROOT, raw_archive, raw_entry};
 use lazysnap::cache::ChunkCache;
 use lazysnap::format::writer::WriteOptions;
 use lazysnap::format::{Format, OpenOptions};
@@ -604,28 +604,6 @@ fn applied_layers_equal_containerd_overlayfs_snapshots() {
 
 // ---- hostile layers ----
 
-/// A tar entry written byte by byte, so names `tar::Builder` refuses can be made.
-fn raw(name: &str, kind: tar::EntryType, link: &str, data: &[u8], size: Option<u64>) -> Vec<u8> {
-    let mut h = tar::Header::new_old();
-    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-    h.set_entry_type(kind);
-    h.set_mode(0o644);
-    h.set_mtime(1_600_000_000);
-    h.set_size(size.unwrap_or(data.len() as u64));
-    h.set_cksum();
-    let mut out = h.as_bytes().to_vec();
-    out.extend_from_slice(data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    out
-}
-
-fn archive(entries: &[Vec<u8>]) -> Vec<u8> {
-    let mut t: Vec<u8> = entries.concat();
-    t.extend_from_slice(&[0u8; 1024]);
-    t
-}
-
 /// A directory holding a decoy file and the destination; everything in it but the
 /// destination must be left as it was.
 struct Sentinel {
@@ -690,7 +668,7 @@ fn names_with_dot_dot_are_refused() {
         ("../dev-null", Char),
     ] {
         let s = Sentinel::new();
-        let e = err_of(s.apply(&archive(&[raw(name, kind, "", b"pwned\n", None)])));
+        let e = err_of(s.apply(&raw_archive(&[raw_entry(name, kind, "", b"pwned\n", None)])));
         assert!(e.contains(name) && e.contains("escapes"), "{name}: {e}");
     }
 }
@@ -699,15 +677,15 @@ fn names_with_dot_dot_are_refused() {
 fn absolute_names_land_inside() {
     let s = Sentinel::new();
     let abs = format!("{}", s.root.join("x").display());
-    let blob = archive(&[
-        raw(
+    let blob = raw_archive(&[
+        raw_entry(
             "/etc/passwd",
             tar::EntryType::Regular,
             "",
             b"inside\n",
             None,
         ),
-        raw(&abs, tar::EntryType::Regular, "", b"also inside\n", None),
+        raw_entry(&abs, tar::EntryType::Regular, "", b"also inside\n", None),
     ]);
     s.apply(&blob).unwrap();
     assert_eq!(
@@ -735,11 +713,11 @@ fn symlinked_parents_are_refused() {
         let link_target = link_target.replace(&etc, &s.root.join("etc").display().to_string());
         let name = format!("link/{victim}");
         for entry in [
-            raw(&name, Regular, "", b"pwned\n", None),
-            raw(&format!("{name}/"), Directory, "", b"", None),
-            raw("hard", Link, &name, b"", None),
+            raw_entry(&name, Regular, "", b"pwned\n", None),
+            raw_entry(&format!("{name}/"), Directory, "", b"", None),
+            raw_entry("hard", Link, &name, b"", None),
         ] {
-            let blob = archive(&[raw("link", Symlink, &link_target, b"", None), entry]);
+            let blob = raw_archive(&[raw_entry("link", Symlink, &link_target, b"", None), entry]);
             let e = err_of(s.apply(&blob));
             assert!(
                 e.contains(&name) && e.contains("parent link is a symbolic link"),
@@ -762,19 +740,19 @@ fn hard_links_cannot_point_out() {
         ("/etc/passwd", "does not exist"),
         ("missing", "does not exist"),
     ] {
-        let e = err_of(s.apply(&archive(&[raw("h", Link, target, b"", None)])));
+        let e = err_of(s.apply(&raw_archive(&[raw_entry("h", Link, target, b"", None)])));
         assert!(e.contains("h") && e.contains(want), "{target}: {e}");
     }
     // through a symlink, to a file that does exist outside
-    let blob = archive(&[
-        raw(
+    let blob = raw_archive(&[
+        raw_entry(
             "out",
             Symlink,
             &s.root.join("etc").display().to_string(),
             b"",
             None,
         ),
-        raw("h", Link, "out/passwd", b"", None),
+        raw_entry("h", Link, "out/passwd", b"", None),
     ]);
     let e = err_of(s.apply(&blob));
     assert!(
@@ -782,11 +760,11 @@ fn hard_links_cannot_point_out() {
         "{e}"
     );
     // a hard link to a symlink links the symlink itself, never what it points to
-    let blob = archive(&[
-        raw("sym", Symlink, &decoy, b"", None),
-        raw("h2", Link, "sym", b"", None),
-        raw("dir/", tar::EntryType::Directory, "", b"", None),
-        raw("dir/f", Regular, "", b"ok", None),
+    let blob = raw_archive(&[
+        raw_entry("sym", Symlink, &decoy, b"", None),
+        raw_entry("h2", Link, "sym", b"", None),
+        raw_entry("dir/", tar::EntryType::Directory, "", b"", None),
+        raw_entry("dir/f", Regular, "", b"ok", None),
     ]);
     s.apply(&blob).unwrap();
     assert!(
@@ -802,16 +780,16 @@ fn existing_names_are_replaced_never_written_through() {
     use tar::EntryType::{Char, Fifo, Link, Regular, Symlink};
     let s = Sentinel::new();
     let decoy = s.decoy.display().to_string();
-    let blob = archive(&[
-        raw("via-symlink", Symlink, &decoy, b"", None),
-        raw("via-symlink", Regular, "", b"replaced symlink\n", None),
-        raw("null", Char, "", b"", None),
-        raw("null", Regular, "", b"replaced device\n", None),
-        raw("pipe", Fifo, "", b"", None),
-        raw("pipe", Regular, "", b"replaced fifo\n", None),
-        raw("a", Regular, "", b"shared inode\n", None),
-        raw("b", Link, "a", b"", None),
-        raw("b", Regular, "", b"b only\n", None),
+    let blob = raw_archive(&[
+        raw_entry("via-symlink", Symlink, &decoy, b"", None),
+        raw_entry("via-symlink", Regular, "", b"replaced symlink\n", None),
+        raw_entry("null", Char, "", b"", None),
+        raw_entry("null", Regular, "", b"replaced device\n", None),
+        raw_entry("pipe", Fifo, "", b"", None),
+        raw_entry("pipe", Regular, "", b"replaced fifo\n", None),
+        raw_entry("a", Regular, "", b"shared inode\n", None),
+        raw_entry("b", Link, "a", b"", None),
+        raw_entry("b", Regular, "", b"b only\n", None),
     ]);
     s.apply(&blob).unwrap();
     let read = |p: &str| std::fs::read(s.dest.join(p)).unwrap();
@@ -832,7 +810,7 @@ fn existing_names_are_replaced_never_written_through() {
 fn truncated_and_oversized_streams_fail() {
     use tar::EntryType::Regular;
     let s = Sentinel::new();
-    let e = err_of(s.apply(&archive(&[raw(
+    let e = err_of(s.apply(&raw_archive(&[raw_entry(
         "big",
         Regular,
         "",
@@ -840,7 +818,7 @@ fn truncated_and_oversized_streams_fail() {
         Some(1 << 30),
     )])));
     assert!(e.contains("big") && e.contains("short"), "{e}");
-    let e = err_of(s.apply(&raw("big", Regular, "", &[7u8; 100], Some(1 << 40))));
+    let e = err_of(s.apply(&raw_entry("big", Regular, "", &[7u8; 100], Some(1 << 40))));
     assert!(e.contains("big") && e.contains("short"), "{e}");
 
     let tar = common::corpus_tar(4096);
@@ -898,9 +876,9 @@ fn out_of_range_owners_fail_naming_the_file() {
 fn a_file_as_parent_is_an_error() {
     use tar::EntryType::Regular;
     let s = Sentinel::new();
-    let blob = archive(&[
-        raw("a", Regular, "", b"file", None),
-        raw("a/b", Regular, "", b"under a file", None),
+    let blob = raw_archive(&[
+        raw_entry("a", Regular, "", b"file", None),
+        raw_entry("a/b", Regular, "", b"under a file", None),
     ]);
     let e = err_of(s.apply(&blob));
     assert!(e.contains("a/b") && e.contains("not a directory"), "{e}");

@@ -1,7 +1,7 @@
 //! Crash consistency: `kill -9` of `lazysnap serve` at seeded random points while it
-//! works — Prepares (plain and remote), Commits, Removes over the gRPC API, and lazy
-//! reads filling the disk chunk cache — then a restart and a check of the
-//! invariants:
+//! works — Prepares (plain and remote), Commits, Removes over the gRPC API, lazy
+//! reads filling the disk chunk cache, `lazysnap pull` into a real containerd, and
+//! unlazy — then a restart and a check of the invariants:
 //!
 //! - the metadata (read from a copy of `metadata.db`) and `List` agree;
 //! - every snapshot in the metadata has its directory (and `work/` if active), and
@@ -13,9 +13,13 @@
 //!   chunk file was damaged before the restart (a cached chunk that fails its
 //!   digest is never served).
 //!
-//! Each kind of work is a [`Case`]; a new one (a `lazysnap pull`, an unlazy) is one
-//! more entry in [`CASES`]. `CRASH_ITERATIONS` (default 100) and `LAZYSNAP_SEED` set
-//! the run.
+//! and per case: after a pull, a second pull of the image completes and a container
+//! runs from it; after an unlazy, every layer is remote (mounted) or a plain
+//! directory holding exactly the layer's files, with no staging left.
+//!
+//! Each kind of work is a [`Case`], one entry in [`CASES`] (the pull case only where
+//! containerd and runc are installed). `CRASH_ITERATIONS` (default 100, over all
+//! cases) and `LAZYSNAP_SEED` set the run.
 
 mod common;
 mod support;
@@ -26,13 +30,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::registry::Registry;
+use std::process::{Command, Stdio};
+
+use common::registry::{Layer, Registry};
 use common::remote::{RemoteImage, push_random_images};
 use containerd_client::services::v1::snapshots::{Info, Kind};
+use lazysnap::format::toc::NO_PREFETCH_LANDMARK;
+use lazysnap::snapshot::labels::{STARGZ_DIGEST, UNLAZY};
 use lazysnap::snapshot::store::{Query, Store};
 use support::readers::{self, Target};
 use support::snapshots::{self as api, Client, REF, REMOTE};
-use support::{Daemon, Rng, require};
+use support::{Containerd, Daemon, Rng, require};
 
 const CONFIG: &str = "[layer]\nprefetch = false\nbackground_fetch = false\nsmall_layer_bytes = 0\n\
 [cache]\ndisk_limit = 2097152\nmemory_limit = 1048576\n\
@@ -48,6 +56,10 @@ struct World<'a> {
     root: PathBuf,
     images: &'a [RemoteImage],
     iteration: usize,
+    /// The running daemon's process id.
+    daemon_pid: Option<u32>,
+    /// What the pull case pulls (None without containerd).
+    pull: Option<&'a PullEnv>,
 }
 
 impl World<'_> {
@@ -86,6 +98,10 @@ struct Case {
     name: &'static str,
     window_ms: u64,
     setup: fn(&World, &mut Rng) -> Work,
+    /// Checks of this case's own after the invariants (none: `None`).
+    verify: Option<fn(&World, &mut Rng) -> Vec<String>>,
+    /// Whether it needs containerd (and runc): skipped where they are missing.
+    containerd: bool,
 }
 
 const CASES: &[Case] = &[
@@ -93,26 +109,50 @@ const CASES: &[Case] = &[
         name: "prepare",
         window_ms: 10,
         setup: prepare_case,
+        verify: None,
+        containerd: false,
     },
     Case {
         name: "remote-prepare",
         window_ms: 30,
         setup: remote_prepare_case,
+        verify: None,
+        containerd: false,
     },
     Case {
         name: "commit",
         window_ms: 10,
         setup: commit_case,
+        verify: None,
+        containerd: false,
     },
     Case {
         name: "remove",
         window_ms: 10,
         setup: remove_case,
+        verify: None,
+        containerd: false,
     },
     Case {
         name: "cache-write",
         window_ms: 400,
         setup: cache_write_case,
+        verify: None,
+        containerd: false,
+    },
+    Case {
+        name: "pull",
+        window_ms: 1500,
+        setup: pull_case,
+        verify: Some(pull_verify),
+        containerd: true,
+    },
+    Case {
+        name: "unlazy",
+        window_ms: 400,
+        setup: unlazy_case,
+        verify: Some(unlazy_verify),
+        containerd: false,
     },
 ];
 
@@ -321,6 +361,269 @@ fn cache_write_case(w: &World, rng: &mut Rng) -> Work {
     })
 }
 
+/// The image the pull case pulls, and the containerd it pulls into (started for
+/// the case only: containerd's garbage collection removes every lazysnap snapshot
+/// it does not know, so it must not run while other cases work or the invariants
+/// are checked).
+struct PullEnv {
+    /// containerd's directory, kept from one start to the next.
+    dir: PathBuf,
+    /// The daemon's config, whose registry settings `lazysnap pull` reads.
+    config: PathBuf,
+    reference: String,
+    /// What [`PULL_READ`] prints in a container of the image.
+    expected: Vec<u8>,
+}
+
+/// Files of the pulled image's three layers (gzip, eStargz, gzip over it).
+const PULL_READ: [&str; 4] = ["/etc/motd", "/data/base.txt", "/lazy/f3.txt", "/top.txt"];
+
+impl PullEnv {
+    fn available() -> bool {
+        ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"]
+            .iter()
+            .all(|p| Path::new(p).exists())
+    }
+
+    /// Pushes a busybox image whose base and top layers `lazysnap pull` unpacks
+    /// itself and whose middle layer is lazy.
+    fn push(reg: &Registry, dir: PathBuf, config: PathBuf) -> PullEnv {
+        let base_txt = common::text_bytes(1, 200 << 10);
+        let base = common::busybox_rootfs(
+            "base motd",
+            &[("data/", Vec::new()), ("data/base.txt", base_txt.clone())],
+        );
+        let mut lazy = common::Corpus::new();
+        lazy.dir("lazy/", 0o755, &common::ROOT);
+        let lazy_files: Vec<Vec<u8>> = (0..6)
+            .map(|i| common::text_bytes(10 + i, 60 << 10))
+            .collect();
+        for (i, f) in lazy_files.iter().enumerate() {
+            lazy.file(&format!("lazy/f{i}.txt"), 0o644, &common::ROOT, f);
+        }
+        let top_txt = common::text_bytes(2, 500 << 10);
+        let mut top = common::Corpus::new();
+        top.dir("etc/", 0o755, &common::ROOT);
+        top.file("etc/motd", 0o644, &common::ROOT, b"top motd\n");
+        top.file("top.txt", 0o644, &common::ROOT, &top_txt);
+        let estargz = lazysnap::format::writer::WriteOptions {
+            format: lazysnap::format::Format::Estargz,
+            ..Default::default()
+        };
+        let reference = reg.push_image(
+            "crash/pull",
+            "v1",
+            &[
+                Layer::gzip(&base),
+                Layer::convert(&lazy.finish(), &estargz),
+                Layer::gzip(&top.finish()),
+            ],
+        );
+        let expected = [
+            b"top motd\n".as_slice(),
+            &base_txt,
+            &lazy_files[3],
+            &top_txt,
+        ]
+        .concat();
+        PullEnv {
+            dir,
+            config,
+            reference,
+            expected,
+        }
+    }
+
+    /// Starts containerd with lazysnap at `socket` as its proxy snapshotter.
+    fn containerd(&self, socket: &Path) -> Containerd {
+        let c = Containerd::start(&self.dir, socket);
+        c.wait_snapshotter("lazysnap");
+        c
+    }
+
+    /// `lazysnap pull` of the image into `c`.
+    fn command(&self, c: &Containerd) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lazysnap"));
+        cmd.arg("pull")
+            .arg("--address")
+            .arg(&c.address)
+            .arg("--config")
+            .arg(&self.config)
+            .arg(&self.reference);
+        cmd
+    }
+}
+
+/// `lazysnap pull` (the daemon prepares, commits and mounts; the CLI fetches and
+/// unpacks the gzip layers into the daemon's snapshot directories); half the time
+/// the pull process is killed together with the daemon.
+fn pull_case(w: &World, rng: &mut Rng) -> Work {
+    let env = w.pull.expect("the pull case runs with containerd");
+    let c = env.containerd(&w.socket);
+    let kill_pull = rng.chance(0.5);
+    let mut cmd = env.command(&c);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let daemon = w.daemon_pid.map(|p| PathBuf::from(format!("/proc/{p}")));
+    Box::new(move || {
+        let mut child = cmd.spawn().expect("spawn lazysnap pull");
+        let started = Instant::now();
+        while matches!(child.try_wait(), Ok(None)) {
+            let daemon_gone = daemon.as_ref().is_none_or(|d| !d.exists());
+            if (kill_pull && daemon_gone) || started.elapsed() > Duration::from_secs(50) {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = child.wait();
+        drop(c);
+    })
+}
+
+/// A second pull of the image completes, and a container runs from it and reads
+/// every layer; then the images and leases go, collected at once (which removes
+/// the other cases' snapshots too: containerd does not know them).
+fn pull_verify(w: &World, _rng: &mut Rng) -> Vec<String> {
+    let Some(env) = w.pull else {
+        return Vec::new();
+    };
+    let c = env.containerd(&w.socket);
+    let mut bad = Vec::new();
+    let out = support::run_bounded(env.command(&c), Duration::from_secs(120));
+    if !out.status.success() {
+        bad.push(format!(
+            "a second pull of {} failed: {}",
+            env.reference,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    } else {
+        let mut cmd = vec!["/bin/cat"];
+        cmd.extend(PULL_READ);
+        let run = c.run_lazy(&env.reference, &format!("crash-{}", w.iteration), &cmd);
+        if !run.status.success() {
+            bad.push(format!(
+                "a container of the pulled image failed: {}",
+                String::from_utf8_lossy(&run.stderr).trim()
+            ));
+        } else if run.stdout != env.expected {
+            bad.push(format!(
+                "a container of the pulled image read wrong bytes from {PULL_READ:?}"
+            ));
+        }
+    }
+    let _ = c.ctr(&["image", "rm", "--sync", &env.reference]);
+    let leases = c.ctr(&["leases", "ls", "-q"]);
+    for id in String::from_utf8_lossy(&leases.stdout).split_whitespace() {
+        let _ = c.ctr(&["leases", "rm", "--sync", id]);
+    }
+    bad
+}
+
+/// Unlazy (the Update label) of two committed remote snapshots at once.
+fn unlazy_case(w: &World, rng: &mut Rng) -> Work {
+    let remote = |w: &World| -> Vec<String> {
+        w.list()
+            .into_iter()
+            .filter(|i| is(i, Kind::Committed) && i.labels.contains_key(REMOTE))
+            .map(|i| i.name)
+            .collect()
+    };
+    let mut names = remote(w);
+    if names.is_empty() {
+        let img = &w.images[rng.below(w.images.len() as u64) as usize];
+        let mut labels = img.labels();
+        let target = format!("{}-{}-u", img.chain_id, w.iteration);
+        labels.insert(REF.to_string(), target);
+        let key = format!("crash/{}/setup-unlazy", w.iteration);
+        let _ = w.grpc(async |c| api::prepare(c, &key, "", labels).await);
+        names = remote(w);
+    }
+    for i in (1..names.len()).rev() {
+        names.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    names.truncate(2);
+    let names = Arc::new(names);
+    concurrently(w.socket.clone(), names.len(), move |mut c, k| {
+        let names = names.clone();
+        async move {
+            let labels = HashMap::from([(UNLAZY.to_string(), "true".to_string())]);
+            let _ = api::update(&mut c, &names[k], labels, &[format!("labels.{UNLAZY}")]).await;
+        }
+    })
+}
+
+/// Remote or local, never in between: no staging directory is left, and a layer
+/// that is no longer remote is a plain directory holding exactly its files.
+fn unlazy_verify(w: &World, _rng: &mut Rng) -> Vec<String> {
+    let mut bad = Vec::new();
+    let copy = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::copy(w.root.join("metadata.db"), copy.path()).expect("copy metadata.db");
+    let records = Store::open(copy.path())
+        .and_then(|s| s.read(|tx| tx.records()))
+        .expect("metadata readable");
+    let mounted = mounts_under(&w.root.join("snapshots"));
+    for (key, rec) in &records {
+        let dir = w.root.join("snapshots").join(rec.id.0.to_string());
+        for left in ["fs.unlazy", "fs.remote"] {
+            if dir.join(left).exists() {
+                bad.push(format!("{key}: {left} left after the restart"));
+            }
+        }
+        let digest = rec.labels.get(STARGZ_DIGEST);
+        let Some(img) = w.images.iter().find(|i| Some(&i.digest) == digest) else {
+            continue;
+        };
+        // (an active one is a remote Prepare's fallback: an empty local snapshot)
+        if rec.labels.contains_key(REMOTE) || rec.kind != lazysnap::snapshot::Kind::Committed {
+            continue;
+        }
+        let fs = dir.join("fs");
+        if mounted.contains_key(&fs) {
+            bad.push(format!("{key}: unlazied, yet {} is a mount", fs.display()));
+            continue;
+        }
+        let mut want: BTreeMap<String, Vec<u8>> = img.files.iter().cloned().collect();
+        // the member eStargz writers add to a layer without prioritized files
+        want.insert(NO_PREFETCH_LANDMARK.to_string(), vec![0x0f]);
+        let (dirs, files, other) = local_tree(&fs);
+        if files != want || dirs != ["a", "b"] || !other.is_empty() {
+            bad.push(format!(
+                "{key}: unlazied tree differs from the layer: dirs {dirs:?}, other {other:?}, \
+                 files {:?} (want {:?}), same content: {}",
+                files.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>(),
+                files == want
+            ));
+        }
+    }
+    bad
+}
+
+/// A plain directory tree: its directories, its regular files and content, and
+/// anything else.
+fn local_tree(root: &Path) -> (Vec<String>, BTreeMap<String, Vec<u8>>, Vec<String>) {
+    let (mut dirs, mut files, mut other) = (Vec::new(), BTreeMap::new(), Vec::new());
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {
+                    dirs.push(rel);
+                    todo.push(p);
+                }
+                Ok(m) if m.is_file() => {
+                    files.insert(rel, std::fs::read(&p).unwrap_or_default());
+                }
+                _ => other.push(rel),
+            }
+        }
+    }
+    dirs.sort();
+    (dirs, files, other)
+}
+
 /// Snapshot name → directory of each remote snapshot, through a `View` on it
 /// (whose read-only bind mount names the directory), removed again.
 fn remote_dirs(w: &World) -> HashMap<String, PathBuf> {
@@ -515,6 +818,12 @@ fn kill_9_at_random_points_keeps_the_invariants() {
         .tempdir_in("/tmp")
         .unwrap();
     let mut daemon = Daemon::start(&work.path().join("d"), CONFIG);
+    let pull = PullEnv::available()
+        .then(|| PullEnv::push(&reg, work.path().join("containerd"), daemon.config.clone()));
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| !c.containerd || pull.is_some())
+        .collect();
     let mut rng = Rng::new(seed);
     let mut violations: Vec<String> = Vec::new();
     let mut per_case: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
@@ -528,9 +837,11 @@ fn kill_9_at_random_points_keeps_the_invariants() {
             root: daemon.root.clone(),
             images: &images,
             iteration,
+            daemon_pid: daemon.pid(),
+            pull: pull.as_ref(),
         };
         trim(&w, &mut rng);
-        let case = &CASES[rng.below(CASES.len() as u64) as usize];
+        let case = cases[rng.below(cases.len() as u64) as usize];
         let work_fn = (case.setup)(&w, &mut rng);
         let took = Arc::new(std::sync::Mutex::new(None));
         let t = {
@@ -575,7 +886,11 @@ fn kill_9_at_random_points_keeps_the_invariants() {
         if let Err(p) = t.join() {
             std::panic::resume_unwind(p);
         }
-        for v in check(&w, &daemon, &mut rng) {
+        let mut found = check(&w, &daemon, &mut rng);
+        if let Some(verify) = case.verify {
+            found.extend(verify(&w, &mut rng));
+        }
+        for v in found {
             violations.push(format!("iteration {iteration} ({}): {v}", case.name));
         }
     }
@@ -593,6 +908,9 @@ fn kill_9_at_random_points_keeps_the_invariants() {
         "remote_snapshots_remounted": log.matches("remote snapshot mounted again").count(),
         "live_mounts_taken_over": log.matches("taking over a live mount").count(),
         "mounted_at_first_use": log.matches("mounted at first use").count(),
+        "unlazies_completed": log.matches(" unlazied ").count(),
+        "unfinished_unlazies_removed": log.matches("removing an unfinished unlazy").count(),
+        "unlazies_finished_at_restore": log.matches("finishing an unlazy").count(),
         "invariant_violations": violations.len(),
         "daemon_panics": panics,
         "seconds": started.elapsed().as_secs(),

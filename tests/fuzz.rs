@@ -165,15 +165,21 @@ proptest! {
 // rejected with an error, `any-*` seeds (hostile input) may go either way. Then
 // seeded mutations of the seeds (bit flips, interesting bytes, dictionary tokens,
 // deletions, duplications, splices) run for `FUZZ_SECONDS` (default 3) per target:
-// no input may panic. A panicking input is written to the target's temp dir.
+// no input may panic. A panicking input is written to the target's temp dir. The
+// tar applier's binary seeds come from `tar_seeds` (see `write_tar_seed_corpus`).
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use lazysnap::format::input::InputCompression;
 use lazysnap::service::Config;
+use lazysnap::snapshot::apply::apply_stream;
 use lazysnap::snapshot::filter::Filter;
 
 /// A parser under fuzzing: `Ok` accepted, `Err(message)` rejected.
@@ -248,6 +254,136 @@ fn config_target(b: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The sandbox's path as seeds spell it: [`tar_target`] puts the real one in its
+/// place (the same length: `/tmp/lzfz` and six random characters), so that absolute
+/// names and link targets in seeds aim at the sentinel.
+const SANDBOX_MARK: &[u8] = b"/tmp/lzfz@@@@@@";
+
+/// The sandbox [`tar_target`] extracts in, and the state of everything in it but
+/// `dest/`; set by [`fuzz_tar_corpus`].
+static SANDBOX: Mutex<Option<(PathBuf, BTreeMap<String, String>)>> = Mutex::new(None);
+
+/// Every entry of `sandbox` but `dest/`, with what a write, chmod, chown, new hard
+/// link or replacement changes: inode, link count, mode, owner, size, times
+/// (ctime included), content, link target.
+fn sandbox_state(sandbox: &Path) -> BTreeMap<String, String> {
+    fn visit(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).expect("read the sandbox").flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if rel == "dest" {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).expect("stat in the sandbox");
+            let data = if m.is_file() {
+                format!("{:?}", std::fs::read(&p).ok())
+            } else {
+                format!("{:?}", std::fs::read_link(&p).ok())
+            };
+            out.insert(
+                rel,
+                format!(
+                    "ino {} nlink {} mode {:o} owner {}:{} size {} mtime {}.{} ctime {}.{} {data}",
+                    m.ino(),
+                    m.nlink(),
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec()
+                ),
+            );
+            if m.is_dir() {
+                visit(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    visit(sandbox, sandbox, &mut out);
+    out
+}
+
+/// Recomputes the checksum of every header along the archive's chain of headers,
+/// so that mutations reach the fields behind the checksum.
+fn fix_checksums(t: &mut [u8]) {
+    let mut pos = 0usize;
+    while let Some(h) = t.get_mut(pos..pos + 512) {
+        if h.iter().all(|&b| b == 0) {
+            pos += 512;
+            continue;
+        }
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let size = std::str::from_utf8(&h[124..136])
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim_matches(|c| c == '\0' || c == ' '), 8).ok())
+            .unwrap_or(0);
+        let Some(next) = usize::try_from(size.div_ceil(512) * 512)
+            .ok()
+            .and_then(|n| (pos + 512).checked_add(n))
+        else {
+            return;
+        };
+        pos = next;
+    }
+}
+
+/// Whether an error message says what failed and about what (`subject: problem`,
+/// with a subject past the variant's own prefix when there is one).
+fn names_something(m: &str) -> bool {
+    let rest = m.strip_prefix("tar: ").unwrap_or(m);
+    rest.split_once(": ")
+        .is_some_and(|(a, b)| !a.trim().is_empty() && !b.trim().is_empty())
+        || rest.contains("offset")
+}
+
+/// The tar applier: extracts into a fresh `dest/` next to the sentinel; nothing
+/// else in the sandbox may change, whatever the input (no escaping name, symlink
+/// or hard link is ever followed or made to point out), and errors say what failed.
+fn tar_target(b: &[u8]) -> Result<(), String> {
+    let (sandbox, before) = SANDBOX
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .expect("fuzz_tar_corpus sets the sandbox up");
+    let real = sandbox.as_os_str().as_encoded_bytes();
+    let mut input = b.to_vec();
+    let mut i = 0;
+    while let Some(k) = input[i..]
+        .windows(SANDBOX_MARK.len())
+        .position(|w| w == SANDBOX_MARK)
+    {
+        input[i + k..i + k + real.len()].copy_from_slice(real);
+        i += k + real.len();
+    }
+    if matches!(InputCompression::sniff(&input), InputCompression::None) {
+        fix_checksums(&mut input);
+    }
+    let dest = sandbox.join("dest");
+    std::fs::create_dir(&dest).expect("create dest");
+    let r = apply_stream(input.as_slice(), &dest);
+    std::fs::remove_dir_all(&dest).expect("remove dest");
+    let after = sandbox_state(&sandbox);
+    if after != before {
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(v))
+            .map(|(k, _)| k)
+            .chain(before.keys().filter(|k| !after.contains_key(*k)))
+            .collect();
+        panic!("the extraction changed the sandbox outside dest/: {changed:?}");
+    }
+    r.map(|_| ()).map_err(|e| {
+        let m = e.to_string();
+        assert!(names_something(&m), "unclear error: {m:?}");
+        m
+    })
+}
+
 const TARGETS: &[FuzzTarget] = &[
     FuzzTarget {
         name: "footer",
@@ -291,6 +427,35 @@ const TARGETS: &[FuzzTarget] = &[
         dict: &[
             b"==", b"!=", b"~=", b"|", b",", b".", b"\"", b"\\", b"labels.", b"kind", b"name",
             b"parent", b" ",
+        ],
+    },
+    FuzzTarget {
+        name: "tar",
+        run: tar_target,
+        dict: &[
+            b"../",
+            b"/",
+            SANDBOX_MARK,
+            b"sentinel/etc/",
+            b".wh.",
+            b".wh..wh..opq",
+            b"ustar\0",
+            b"ustar  \0",
+            b"0000644\0",
+            b"00000001000\0",
+            b"77777777777\0",
+            b"\x80\0\0\0\0\0\0\0\0\0\x10\0",
+            b"path=",
+            b"linkpath=",
+            b"size=",
+            b"SCHILY.xattr.trusted.overlay.opaque=y",
+            b"GNU.sparse.",
+            b"\0",
+            b"1",
+            b"2",
+            b"5",
+            b"x",
+            b"L",
         ],
     },
     FuzzTarget {
@@ -451,4 +616,219 @@ fn fuzz_filter_corpus() {
 #[test]
 fn fuzz_config_corpus() {
     fuzz("config");
+}
+
+#[test]
+fn fuzz_tar_corpus() {
+    let sandbox = tempfile::Builder::new()
+        .prefix("lzfz")
+        .rand_bytes(6)
+        .tempdir_in("/tmp")
+        .expect("sandbox");
+    let root = sandbox.path();
+    assert_eq!(root.as_os_str().len(), SANDBOX_MARK.len(), "{root:?}");
+    let sentinel = root.join("sentinel");
+    std::fs::create_dir_all(sentinel.join("etc")).unwrap();
+    std::fs::write(sentinel.join("etc/passwd"), b"decoy\n").unwrap();
+    std::fs::write(sentinel.join("x"), b"outside\n").unwrap();
+    std::os::unix::fs::symlink("etc", sentinel.join("etc-link")).unwrap();
+    std::fs::write(root.join("beside-dest"), b"also outside\n").unwrap();
+    *SANDBOX.lock().unwrap() = Some((root.to_path_buf(), sandbox_state(root)));
+    fuzz("tar");
+}
+
+/// The tar applier's seeds: every entry type and overlay marker, every packing the
+/// applier reads, and the hostile cases — `..`, absolute names, symlinked parents,
+/// hard links pointing out, PAX names, truncations. [`SANDBOX_MARK`] stands for
+/// the sandbox, whose `sentinel/` holds `etc/passwd` and `x`.
+fn tar_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use common::{ALICE, Corpus, ROOT, raw_archive, raw_entry};
+    use tar::EntryType::{Char, Directory, Fifo, Link, Regular, Symlink};
+    let abs = |p: &str| format!("{}/{p}", String::from_utf8_lossy(SANDBOX_MARK));
+    let entry = |name: &str, kind, link: &str, data: &[u8]| raw_entry(name, kind, link, data, None);
+    // a symlink `link` to `target`, then `then` (an entry under `link/`)
+    let via_link =
+        |target: &str, then: Vec<u8>| raw_archive(&[entry("link", Symlink, target, b""), then]);
+    // a PAX header block, without an end-of-archive marker
+    let pax = |records: &[(&str, &[u8])]| {
+        let mut c = Corpus::new();
+        c.pax(records);
+        let mut v = c.finish();
+        v.truncate(v.len() - 1024);
+        v
+    };
+    let mut t = Corpus::new();
+    t.dir("etc/", 0o755, &ROOT);
+    t.file("etc/motd", 0o644, &ROOT, b"hello\n");
+    t.hardlink("etc/motd.link", "etc/motd", 0o644, &ROOT);
+    t.symlink("etc/rel", "motd");
+    t.dir("opaque/", 0o755, &ALICE);
+    t.file("opaque/.wh..wh..opq", 0o644, &ROOT, b"");
+    t.file("opaque/kept", 0o600, &ALICE, &[7u8; 700]);
+    t.file(".wh.gone", 0o644, &ROOT, b"");
+    t.dev(Char, "null", 0o666, 1, 3);
+    t.dev(Fifo, "pipe", 0o644, 0, 0);
+    t.pax_entry(
+        &format!("pax/{}", common::long_name()),
+        Regular,
+        0o4755,
+        &ALICE,
+        b"pax named\n",
+        &[("user.note", b"v")],
+    );
+    t.pax(&[("mtime", b"1600000000.123456789")]);
+    t.file("nanos", 0o644, &ROOT, b"");
+    let plain = t.finish();
+    let lazy = |format| {
+        common::convert(
+            &plain,
+            &WriteOptions {
+                format,
+                chunk_size: 512,
+                ..Default::default()
+            },
+        )
+        .0
+    };
+    let gz = common::gz(&plain);
+    let zst = zstd::encode_all(plain.as_slice(), 3).unwrap();
+    let end = plain.len() - 1024;
+    vec![
+        ("ok-plain.tar", plain.clone()),
+        ("ok-plain.tar.gz", gz.clone()),
+        ("ok-plain.tar.zst", zst.clone()),
+        ("ok-estargz.blob", lazy(Format::Estargz)),
+        ("ok-zstd-chunked.blob", lazy(Format::ZstdChunked)),
+        (
+            "ok-absolute.tar",
+            raw_archive(&[
+                entry("/etc/abs", Regular, "", b"inside\n"),
+                entry(&abs("sentinel/x"), Regular, "", b"inside too\n"),
+            ]),
+        ),
+        (
+            "ok-links-out.tar",
+            raw_archive(&[
+                entry("up", Symlink, "../sentinel/etc", b""),
+                entry("abs", Symlink, &abs("sentinel/etc"), b""),
+                entry("root", Symlink, "/", b""),
+                entry("up", Regular, "", b"replaces the symlink\n"),
+                entry("h", Link, "abs", b""),
+            ]),
+        ),
+        (
+            "ok-whiteouts.tar",
+            raw_archive(&[
+                entry(".wh.x", Regular, "", b""),
+                entry("d/.wh..wh..opq", Regular, "", b""),
+                entry("d/.wh.y", Regular, "", b""),
+                entry(".wh..wh.plnk.1", Regular, "", b""),
+            ]),
+        ),
+        (
+            "err-dotdot.tar",
+            raw_archive(&[entry("../sentinel/x", Regular, "", b"pwned\n")]),
+        ),
+        (
+            "err-dotdot-inner.tar",
+            raw_archive(&[entry(
+                "a/../../sentinel/etc/passwd",
+                Regular,
+                "",
+                b"pwned\n",
+            )]),
+        ),
+        (
+            "err-symlinked-parent.tar",
+            via_link(
+                "../sentinel/etc",
+                entry("link/passwd", Regular, "", b"pwned\n"),
+            ),
+        ),
+        (
+            "err-symlinked-parent-abs.tar",
+            via_link(
+                &abs("sentinel/etc"),
+                entry("link/passwd", Regular, "", b"pwned\n"),
+            ),
+        ),
+        (
+            "err-symlinked-parent-dir.tar",
+            via_link("../sentinel", entry("link/new/", Directory, "", b"")),
+        ),
+        (
+            "err-whiteout-through-symlink.tar",
+            via_link("../sentinel", entry("link/.wh.x", Regular, "", b"")),
+        ),
+        (
+            "err-opaque-through-symlink.tar",
+            via_link(
+                "../sentinel/etc",
+                entry("link/.wh..wh..opq", Regular, "", b""),
+            ),
+        ),
+        (
+            "err-hardlink-out.tar",
+            raw_archive(&[entry("h", Link, "../sentinel/x", b"")]),
+        ),
+        (
+            "err-hardlink-abs.tar",
+            raw_archive(&[entry("h", Link, &abs("sentinel/x"), b"")]),
+        ),
+        (
+            "err-hardlink-through-symlink.tar",
+            raw_archive(&[
+                entry("out", Symlink, &abs("sentinel/etc"), b""),
+                entry("h", Link, "out/passwd", b""),
+            ]),
+        ),
+        (
+            "err-pax-dotdot.tar",
+            raw_archive(&[
+                pax(&[("path", b"../sentinel/pax")]),
+                entry("innocent", Regular, "", b"pwned\n"),
+            ]),
+        ),
+        (
+            "err-pax-linkpath-out.tar",
+            raw_archive(&[
+                pax(&[("linkpath", b"../../sentinel/x")]),
+                entry("h", Link, "innocent", b""),
+            ]),
+        ),
+        (
+            "err-pax-dangling.tar",
+            raw_archive(&[pax(&[("path", b"never")])]),
+        ),
+        (
+            "err-file-as-parent.tar",
+            raw_archive(&[
+                entry("a", Regular, "", b"file"),
+                entry("a/b", Regular, "", b"under a file"),
+            ]),
+        ),
+        (
+            "err-giant-size.tar",
+            raw_archive(&[raw_entry("big", Regular, "", &[7u8; 100], Some(1 << 40))]),
+        ),
+        ("err-truncated-data.tar", plain[..512 * 4 + 3].to_vec()),
+        ("err-truncated-header.tar", plain[..512 + 100].to_vec()),
+        ("err-no-end-marker.tar", plain[..end].to_vec()),
+        ("err-truncated.tar.gz", gz[..gz.len() / 2].to_vec()),
+        ("err-truncated.tar.zst", zst[..zst.len() - 5].to_vec()),
+        ("err-empty.tar", Vec::new()),
+    ]
+}
+
+/// Writes the tar applier's seed corpus:
+/// `cargo test --release --test fuzz -- --ignored write_tar_seed_corpus`.
+#[test]
+#[ignore = "writes tests/fuzz-corpus/tar"]
+fn write_tar_seed_corpus() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus/tar");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, data) in tar_seeds() {
+        std::fs::write(dir.join(name), data).unwrap();
+    }
 }

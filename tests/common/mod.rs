@@ -366,6 +366,36 @@ pub fn gz(data: &[u8]) -> Vec<u8> {
     enc.finish().unwrap()
 }
 
+/// A tar entry written byte by byte, so names `tar::Builder` refuses (`..`, absolute)
+/// can be made; `size` overrides the header's size field.
+pub fn raw_entry(
+    name: &str,
+    kind: tar::EntryType,
+    link: &str,
+    data: &[u8],
+    size: Option<u64>,
+) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_mtime(1_600_000_000);
+    h.set_size(size.unwrap_or(data.len() as u64));
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// `entries` (from [`raw_entry`]) and the end-of-archive marker.
+pub fn raw_archive(entries: &[Vec<u8>]) -> Vec<u8> {
+    let mut t: Vec<u8> = entries.concat();
+    t.extend_from_slice(&[0u8; 1024]);
+    t
+}
+
 /// An eStargz blob with `data` before a TOC member holding `json` (hand-made TOCs
 /// for bad and hostile input).
 pub fn estargz_with_toc(data: &[u8], json: &str) -> Vec<u8> {

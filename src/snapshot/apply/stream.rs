@@ -246,7 +246,8 @@ fn extract(mut feed: Feed, t: &mut Target, fin: &Finishers) -> Result<ApplyStats
 
 pub(super) fn attrs(m: &Meta) -> Result<Attrs<'_>> {
     let id = |v: i64, what: &str| {
-        u32::try_from(v).map_err(|_| Error::Tar(format!("{}: {what} {v} is out of range", m.name)))
+        u32::try_from(v)
+            .map_err(|_| Error::Tar(format!("{:?}: {what} {v} is out of range", m.name)))
     };
     Ok(Attrs {
         mode: (m.mode & 0o7777) as u32,
@@ -352,7 +353,7 @@ fn entry(
                 Kind::Char | Kind::Block | Kind::Fifo => {
                     let dev = |v: i64, what: &str| {
                         u32::try_from(v).map_err(|_| {
-                            Error::Tar(format!("{name}: device {what} {v} is out of range"))
+                            Error::Tar(format!("{name:?}: device {what} {v} is out of range"))
                         })
                     };
                     let (flag, rdev) = match kind {
