@@ -30,7 +30,7 @@ fi
 say "build"
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
-L=$ROOT/target/release/lazysnap
+L=${CARGO_TARGET_DIR:-$ROOT/target}/release/lazysnap
 
 W=$(mktemp -d /tmp/lazysnap-quickstart.XXXXXX)
 PIDS=()
