@@ -14,7 +14,7 @@ Modes (columns):
 Workloads (images, built locally from Debian packages):
   busybox     busybox-static, `echo hello`
   python      debootstrap minbase + python3 (scripts/python-image.sh), python3 -c 'print("hello")'
-  bigdata     busybox + a data layer of --bigdata-mb MiB in 4 MiB files; reads 80% of them
+  bigdata     busybox + a data layer of --bigdata-mb MiB in 4 MiB files; reads at least 80% of them
 
 usage (root, from the repository):
   bench/coldstart.py [--runs 3] [--links local,wan] [--images busybox,python,bigdata]
@@ -41,7 +41,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("LAZYSNAP_BENCH_CACHE", "/var/tmp/lazysnap-bench")
-LAZYSNAP = os.path.join(ROOT, "target/release/lazysnap")
+LAZYSNAP = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release/lazysnap")
 CTR_REMOTE = shutil.which("ctr-remote") or "/tmp/ref-bin/ctr-remote"
 NS = "bench"
 
@@ -151,7 +151,7 @@ def workloads(args):
         }
     if "bigdata" in args.images:
         n = args.bigdata_mb // 4
-        k = int(n * 0.8)
+        k = -(-n * 4 // 5)  # at least 80% of the data layer's bytes
         w["bigdata"] = {
             "layers": [
                 busybox_tar(os.path.join(CACHE, "busybox.tar")),

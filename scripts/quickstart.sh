@@ -30,14 +30,19 @@ fi
 say "build"
 [ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release --quiet
-L=$ROOT/target/release/lazysnap
+L=${CARGO_TARGET_DIR:-$ROOT/target}/release/lazysnap
 
 W=$(mktemp -d /tmp/lazysnap-quickstart.XXXXXX)
 PIDS=()
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  pkill -f "$W/containerd" 2>/dev/null
+  # the shims of our containerd, found by name first: `pkill -f` reads every
+  # process's command line, which blocks behind any process stuck in a page fault
+  for d in /proc/[0-9]*; do
+    case "$(cat "$d/comm" 2>/dev/null)" in containerd-shim*) ;; *) continue ;; esac
+    tr '\0' ' ' < "$d/cmdline" 2>/dev/null | grep -qF "$W/" && kill "${d#/proc/}" 2>/dev/null
+  done
   sleep 1
   grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m"; done
   rm -rf "$W"

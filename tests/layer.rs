@@ -333,3 +333,41 @@ fn passthrough_files_are_built_from_verified_chunks_by_this_process_only() {
     std::io::Read::read_to_end(&mut l2.backing_file(id).unwrap(), &mut got2).unwrap();
     assert_eq!(got2, got, "rebuilt from verified chunks");
 }
+
+#[test]
+fn small_layer_prefetch_reuses_the_tail_read_at_open() {
+    // an incompressible file makes the blob larger than the tail read at open
+    let mut t = common::Corpus::new();
+    let data = common::prng_bytes(7, 700 << 10);
+    t.file("bin/big", 0o755, &common::ROOT, &data);
+    let tar = t.finish();
+    let (blob, res) = common::convert(
+        &tar,
+        &WriteOptions {
+            format: Format::Estargz,
+            chunk_size: 64 << 10,
+            ..WriteOptions::default()
+        },
+    );
+    let tail = lazysnap::layer::tail::TAIL_BYTES;
+    assert!(blob.len() as u64 > tail && (blob.len() as u64) < 2 * tail);
+    let cache = Arc::new(ChunkCache::in_memory(64 << 20));
+    let (b, layer) = open_over(&blob, &res.toc_digest, 0, cache, LayerConfig::default());
+    let opened = b.bytes.load(Ordering::SeqCst);
+    layer.prefetch().unwrap();
+    assert_eq!(b.requests.load(Ordering::SeqCst), 2, "open + one prefetch");
+    let total = b.bytes.load(Ordering::SeqCst);
+    assert!(
+        total <= blob.len() as u64,
+        "no blob byte is fetched twice: {total} of {} ({opened} at open)",
+        blob.len()
+    );
+    assert!((layer.stats().fraction_complete - 1.0).abs() < 1e-9);
+    let id = layer.index().lookup_path("bin/big").unwrap();
+    assert_eq!(layer.read(id, 0, data.len() as u32).unwrap(), data);
+    assert_eq!(
+        b.requests.load(Ordering::SeqCst),
+        2,
+        "reads come from the cache"
+    );
+}

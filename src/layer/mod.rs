@@ -120,8 +120,9 @@ pub struct RemoteLayer {
     /// Files whose backing file a thread is building now: one builder per file, so
     /// that no open ever sees a file another builder is still writing.
     building: std::sync::Mutex<std::collections::HashSet<NodeId>>,
-    /// The whole blob, when opening the layer already read all of it.
-    whole: Option<Bytes>,
+    /// The blob's tail read at open (offset, bytes), kept for small layers: their
+    /// prefetch then asks the registry only for what comes before it.
+    tail: Option<(u64, Bytes)>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -154,10 +155,8 @@ impl RemoteLayer {
         let format = layer.format();
         let (src, _, toc, index) = layer.into_parts();
         let (toc_bytes, toc_requests) = src.spent();
-        // a small layer read whole by the opening request is served from memory
-        let whole = src
-            .whole()
-            .filter(|w| w.len() as u64 <= cfg.small_layer_bytes);
+        // what the opening request read of a small layer is served from memory
+        let tail = (blob.size() <= cfg.small_layer_bytes).then(|| src.tail());
         let n = index.all_chunks().len();
         let bytes_total = index.all_chunks().iter().map(|c| c.size).sum();
         let l = Arc::new(RemoteLayer {
@@ -176,7 +175,7 @@ impl RemoteLayer {
             bytes_total,
             backing: Default::default(),
             building: Default::default(),
-            whole,
+            tail,
         });
         // the footer and TOC count as fetched, as the registry sees them
         l.counters
@@ -454,29 +453,57 @@ impl RemoteLayer {
         }
     }
 
-    /// Reads compressed ranges: from the blob held in memory when the opening read
-    /// covered it, else from the registry (counted).
+    /// Reads compressed ranges: the parts within the tail held in memory from it,
+    /// the rest from the registry (counted, one request).
     pub(crate) fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        if let Some(w) = &self.whole {
-            return ranges
-                .iter()
-                .map(|r| {
-                    w.get(r.start as usize..r.end as usize)
-                        .map(|_| w.slice(r.start as usize..r.end as usize))
-                        .ok_or_else(|| Error::Fetch {
-                            blob: self.name().to_string(),
-                            reason: format!("range {}..{} past the end", r.start, r.end),
-                        })
-                })
-                .collect();
+        let (start, tail) = match &self.tail {
+            Some((s, t)) => (*s, t),
+            None => (u64::MAX, &Bytes::new()),
+        };
+        let remote: Vec<Range<u64>> = ranges
+            .iter()
+            .filter(|r| r.start < start)
+            .map(|r| r.start..r.end.min(start))
+            .collect();
+        let mut got = if remote.is_empty() {
+            Vec::new()
+        } else {
+            self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            let got = self.blob.read_ranges(&remote)?;
+            let n: usize = got.iter().map(Bytes::len).sum();
+            self.counters
+                .fetched_bytes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            got
         }
-        self.counters.fetch_requests.fetch_add(1, Ordering::Relaxed);
-        let got = self.blob.read_ranges(ranges)?;
-        let n: usize = got.iter().map(Bytes::len).sum();
-        self.counters
-            .fetched_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(got)
+        .into_iter();
+        ranges
+            .iter()
+            .map(|r| {
+                let head = if r.start < start { got.next() } else { None };
+                if r.end <= start {
+                    return head.ok_or_else(|| self.short_read(r));
+                }
+                let from = (r.start.max(start) - start) as usize;
+                let to = (r.end - start) as usize;
+                let mem = tail
+                    .get(from..to)
+                    .map(|_| tail.slice(from..to))
+                    .ok_or_else(|| self.short_read(r))?;
+                Ok(match head {
+                    Some(h) => [h, mem].concat().into(),
+                    None => mem,
+                })
+            })
+            .collect()
+    }
+
+    /// The error of a range the blob did not deliver.
+    fn short_read(&self, r: &Range<u64>) -> Error {
+        Error::Fetch {
+            blob: self.name().to_string(),
+            reason: format!("range {}..{} past the end", r.start, r.end),
+        }
     }
 
     /// Gets chunks by global index: cache, or one fetch per run of adjacent

@@ -36,11 +36,9 @@ impl TailCached {
         })
     }
 
-    /// The whole blob, when the tail read covered all of it (small layers): chunk
-    /// reads are then served from memory instead of asking the registry again.
-    pub fn whole(&self) -> Option<Bytes> {
-        (self.tail_start == 0 && self.tail.len() as u64 == self.blob.size())
-            .then(|| self.tail.clone())
+    /// The tail read at open: its blob offset and bytes.
+    pub fn tail(&self) -> (u64, Bytes) {
+        (self.tail_start, self.tail.clone())
     }
 
     /// Bytes and requests spent so far (the tail and any reads outside it).
