@@ -270,18 +270,20 @@ fn unlazy_under_a_running_container_and_after_kill_9() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         daemon.kill9();
         let _ = child.wait();
+        // as after a reboot: the mounts are gone, and the restarted daemon mounts each
+        // remote layer again at its first use
         support::detach_mounts_under(&daemon.root);
         daemon.start_again();
         c.wait_snapshotter("lazysnap");
-        let state = check_layers(&daemon, &views2);
-        eprintln!("kill -9 after {delay_ms} ms: (remote, local) = {state:?}");
-        seen.push(state);
         assert_eq!(
             cat_motd(&c, &image2, &format!("crash-{delay_ms}")).trim(),
             MOTD,
             "{}",
             daemon.log()
         );
+        let state = check_layers(&daemon, &views2);
+        eprintln!("kill -9 after {delay_ms} ms: (remote, local) = {state:?}");
+        seen.push(state);
         if state.0 == 0 {
             break;
         }
