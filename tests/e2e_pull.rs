@@ -106,18 +106,7 @@ impl Env {
     }
 
     fn run(&self, image: &str, id: &str, script: &str) -> String {
-        self.c.ctr_ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            "--net-host",
-            image,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
+        self.c.run_lazy_ok(image, id, &["/bin/sh", "-c", script])
     }
 
     /// Every layer-blob GET the registry served for `digest` was a range.

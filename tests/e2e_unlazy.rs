@@ -115,17 +115,7 @@ fn fuse_views(daemon: &Daemon) -> BTreeMap<u64, View> {
 }
 
 fn cat_motd(c: &Containerd, image: &str, id: &str) -> String {
-    c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazysnap",
-        "--net-host",
-        image,
-        id,
-        "/bin/cat",
-        "/etc/motd",
-    ])
+    c.run_lazy_ok(image, id, &["/bin/cat", "/etc/motd"])
 }
 
 /// Each layer is either still remote (mounted) or local and equal to its FUSE view;

@@ -68,6 +68,37 @@ pub struct LazyFs {
 }
 
 impl LazyFs {
+    /// Stops serving the layer at `mountpoint` and unmounts it: `detach` leaves it to
+    /// the overlays and open files already using it until they let go (unlazy);
+    /// otherwise the unmount is immediate. The holder lets go of the connection too,
+    /// so that it ends with its last user.
+    fn take_down(&self, mountpoint: &Path, detach: bool) -> Result<()> {
+        self.inner.handover.forget(mountpoint);
+        let m = lock(&self.inner.mounts).remove(mountpoint);
+        let Some(mut m) = m else {
+            if lazysnap_fuse::is_mountpoint(mountpoint) {
+                // a stale mount of an earlier process
+                let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+            return Ok(());
+        };
+        m.stop.store(true, Ordering::Relaxed);
+        if let Some(f) = m.fuse.take() {
+            let (what, done) = if detach {
+                ("detach", f.detach())
+            } else {
+                ("unmount", f.unmount())
+            };
+            done.map_err(|e| {
+                Error::io(
+                    format!("{}: {what}", mountpoint.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Starts the registry I/O runtime, opens the chunk cache and the read workers.
     pub fn new(
         layer: LayerConfig,
@@ -393,23 +424,7 @@ impl RemoteFs for LazyFs {
     }
 
     fn unmount(&self, mountpoint: &Path) -> Result<()> {
-        self.inner.handover.forget(mountpoint);
-        let m = lock(&self.inner.mounts).remove(mountpoint);
-        if let Some(mut m) = m {
-            m.stop.store(true, Ordering::Relaxed);
-            if let Some(f) = m.fuse.take() {
-                f.unmount().map_err(|e| {
-                    Error::io(
-                        format!("{}: unmount", mountpoint.display()),
-                        std::io::Error::other(e.to_string()),
-                    )
-                })?;
-            }
-        } else if lazysnap_fuse::is_mountpoint(mountpoint) {
-            // a stale mount of an earlier process
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
-        Ok(())
+        self.take_down(mountpoint, false)
     }
 
     fn materialize(
@@ -434,22 +449,7 @@ impl RemoteFs for LazyFs {
     }
 
     fn detach(&self, mountpoint: &Path) -> Result<()> {
-        // the holder lets go of the connection too, so that it ends with its last user
-        self.inner.handover.forget(mountpoint);
-        let m = lock(&self.inner.mounts).remove(mountpoint);
-        let Some(mut m) = m else {
-            return self.unmount(mountpoint);
-        };
-        m.stop.store(true, Ordering::Relaxed);
-        if let Some(f) = m.fuse.take() {
-            f.detach().map_err(|e| {
-                Error::io(
-                    format!("{}: detach", mountpoint.display()),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-        }
-        Ok(())
+        self.take_down(mountpoint, true)
     }
 
     fn progress(&self, mountpoint: &Path) -> Option<Progress> {

@@ -499,17 +499,12 @@ state = "{state}"
 
     /// `ctr run --rm --snapshotter lazysnap --net-host IMAGE ID CMD...` (bounded).
     pub fn run_lazy(&self, image: &str, id: &str, cmd: &[&str]) -> Output {
-        let mut args = vec![
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazysnap",
-            "--net-host",
-            image,
-            id,
-        ];
-        args.extend_from_slice(cmd);
-        self.ctr(&args)
+        self.ctr(&run_lazy_args(image, id, cmd))
+    }
+
+    /// [`Containerd::run_lazy`] that must succeed; returns stdout.
+    pub fn run_lazy_ok(&self, image: &str, id: &str, cmd: &[&str]) -> String {
+        self.ctr_ok(&run_lazy_args(image, id, cmd))
     }
 
     /// `ctr` that must succeed; returns stdout.
@@ -584,4 +579,19 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = watchdog.join();
     out
+}
+
+/// The arguments of `ctr run` for a container on the lazysnap snapshotter.
+fn run_lazy_args<'a>(image: &'a str, id: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazysnap",
+        "--net-host",
+        image,
+        id,
+    ];
+    args.extend_from_slice(cmd);
+    args
 }
