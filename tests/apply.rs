@@ -502,27 +502,22 @@ fn layer_dirs(ctd: &Containerd, layers: usize) -> Vec<PathBuf> {
         .filter(|r| r.len() == 3 && r[2] == "Committed")
         .find(|r| !rows.iter().any(|o| o.len() == 3 && o[1] == r[0]))
         .unwrap_or_else(|| panic!("no top snapshot in {ls}"))[0];
-    ctd.ctr_ok(&[
-        "snapshot",
-        "--snapshotter",
-        "overlayfs",
-        "view",
-        "apply-view",
-        top,
-    ]);
+    // the view's mounts in the same call: ctr's lease on the view ends with the
+    // command, and containerd may collect the view right after
     let m = ctd.ctr_ok(&[
         "snapshot",
         "--snapshotter",
         "overlayfs",
-        "mounts",
-        "/mnt/x",
+        "view",
+        "--mounts",
         "apply-view",
+        top,
     ]);
     let lower = m
         .split("lowerdir=")
         .nth(1)
         .unwrap_or_else(|| panic!("no lowerdir in {m}"))
-        .split([',', ' ', '\n'])
+        .split([',', ' ', '\n', '"'])
         .next()
         .unwrap_or("");
     let mut dirs: Vec<PathBuf> = lower.split(':').map(PathBuf::from).collect();
