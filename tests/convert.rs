@@ -809,6 +809,20 @@ fn optimize_puts_the_files_a_workload_opens_first() {
         support::wait_until(Duration::from_secs(120), mounted),
         "no recording mount"
     );
+    // the workload runs: lazysnap convert handles SIGINT from then on
+    let workload = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"/bin/sleep\x0060\x00")
+            })
+    };
+    assert!(
+        support::wait_until(Duration::from_secs(60), workload),
+        "the workload did not start"
+    );
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let o = child.wait_with_output().unwrap();
